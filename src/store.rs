@@ -1,0 +1,587 @@
+//! The on-disk cache: content-addressed blobs plus, per (registry host,
+//! repository), which manifests it holds and what its tags point at.
+//!
+//! Layout under the state directory:
+//!
+//! ```text
+//! blobs/<alg>/<hex>                                   blob and manifest bytes
+//! repos/<host>/<repo>/_manifests/revisions/<alg>/<hex> media type of a manifest the repo holds
+//! repos/<host>/<repo>/_manifests/tags/<tag>           JSON TagRecord
+//! tmp/<pid>.<n>                                       files being written
+//! ```
+//!
+//! Every file is written to `tmp/`, verified, fsynced and renamed into place,
+//! so a reader sees either nothing or complete, verified bytes, whatever
+//! happens to the writer. Repository components cannot start with `_`, so
+//! `_manifests` never collides with a name. All inputs are validated types
+//! from [`crate::reference`] and [`crate::digest`], so paths cannot escape.
+//!
+//! The store is synchronous: callers on the async runtime use
+//! `spawn_blocking` (see [`crate::registry`]).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use crate::digest::{Digest, Hasher};
+use crate::reference::{RegistryHost, RepoName, Tag};
+
+/// Manifests larger than this are refused (containerd refuses over ~4 MB too).
+pub const MAX_MANIFEST_SIZE: u64 = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("blob {expected} failed verification: got {actual} ({size} bytes)")]
+    DigestMismatch {
+        expected: Digest,
+        actual: Digest,
+        size: u64,
+    },
+    #[error("blob {digest} has {actual} bytes, expected {expected}")]
+    SizeMismatch {
+        digest: Digest,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("manifest {digest} is {size} bytes, over the {MAX_MANIFEST_SIZE}-byte limit")]
+    ManifestTooLarge { digest: Digest, size: u64 },
+    #[error("tag record {path} is corrupt: {source}")]
+    CorruptRecord {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// One manifest a tag can resolve to. A tag may carry several variants of the
+/// same image (say OCI and Docker v2 forms) for Accept negotiation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestVariant {
+    #[serde(rename = "mediaType")]
+    pub media_type: String,
+    pub digest: Digest,
+    pub size: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRecord {
+    /// In order of preference: the first is served when the client does not say.
+    pub manifests: Vec<ManifestVariant>,
+}
+
+pub struct Store {
+    root: PathBuf,
+    tmp_counter: AtomicU64,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `root` and removes temp files
+    /// left behind by writers that no longer run.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        for dir in ["blobs", "repos", "tmp"] {
+            let p = root.join(dir);
+            fs::create_dir_all(&p).map_err(io_err("create", &p))?;
+        }
+        let store = Store {
+            root: root.to_owned(),
+            tmp_counter: AtomicU64::new(0),
+        };
+        store.clean_tmp()?;
+        Ok(store)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Temp files are named `<pid>.<n>`; those whose process is gone are
+    /// leftovers of a crash. Another live process (an `import` running beside
+    /// the daemon) keeps its files.
+    fn clean_tmp(&self) -> Result<(), StoreError> {
+        let tmp = self.root.join("tmp");
+        let entries = fs::read_dir(&tmp).map_err(io_err("read", &tmp))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let pid = name
+                .to_str()
+                .and_then(|n| n.split('.').next())
+                .and_then(|p| p.parse::<i32>().ok());
+            let alive = pid.is_some_and(|p| p == std::process::id() as i32 || process_alive(p));
+            if !alive {
+                let path = entry.path();
+                let removed = if path.is_dir() {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
+                if let Err(e) = removed {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove leftover temp file");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root
+            .join("blobs")
+            .join(digest.algorithm().name())
+            .join(digest.hex())
+    }
+
+    fn repo_dir(&self, host: &RegistryHost, repo: &RepoName) -> PathBuf {
+        let mut p = self.root.join("repos").join(host.as_str());
+        p.extend(repo.components());
+        p.join("_manifests")
+    }
+
+    fn revision_path(&self, host: &RegistryHost, repo: &RepoName, digest: &Digest) -> PathBuf {
+        self.repo_dir(host, repo)
+            .join("revisions")
+            .join(digest.algorithm().name())
+            .join(digest.hex())
+    }
+
+    fn tag_path(&self, host: &RegistryHost, repo: &RepoName, tag: &Tag) -> PathBuf {
+        self.repo_dir(host, repo).join("tags").join(tag.as_str())
+    }
+
+    pub fn has_blob(&self, digest: &Digest) -> bool {
+        self.blob_path(digest).is_file()
+    }
+
+    /// Opens a blob for reading, or `None` when the cache does not hold it.
+    pub fn open_blob(&self, digest: &Digest) -> Result<Option<BlobFile>, StoreError> {
+        let path = self.blob_path(digest);
+        match File::open(&path) {
+            Ok(file) => {
+                let len = file.metadata().map_err(io_err("stat", &path))?.len();
+                Ok(Some(BlobFile { file, len }))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("open", &path)(e)),
+        }
+    }
+
+    /// Reads a whole manifest blob (bounded by [`MAX_MANIFEST_SIZE`]).
+    pub fn read_manifest(&self, digest: &Digest) -> Result<Option<Bytes>, StoreError> {
+        let Some(blob) = self.open_blob(digest)? else {
+            return Ok(None);
+        };
+        if blob.len > MAX_MANIFEST_SIZE {
+            return Err(StoreError::ManifestTooLarge {
+                digest: digest.clone(),
+                size: blob.len,
+            });
+        }
+        let path = self.blob_path(digest);
+        let mut buf = Vec::with_capacity(blob.len as usize);
+        blob.file
+            .take(MAX_MANIFEST_SIZE + 1)
+            .read_to_end(&mut buf)
+            .map_err(io_err("read", &path))?;
+        Ok(Some(Bytes::from(buf)))
+    }
+
+    /// A new temp file for writing a blob whose digest is checked on commit.
+    pub fn blob_writer(
+        &self,
+        algorithm: crate::digest::Algorithm,
+    ) -> Result<BlobWriter<'_>, StoreError> {
+        let (path, file) = self.temp_file()?;
+        Ok(BlobWriter {
+            store: self,
+            path,
+            file,
+            hasher: Hasher::new(algorithm),
+            len: 0,
+        })
+    }
+
+    /// Stores `bytes` as a blob after checking they hash to `expected`.
+    pub fn put_blob_bytes(&self, expected: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
+        let mut w = self.blob_writer(expected.algorithm())?;
+        w.write_all(bytes)?;
+        w.finish(expected, bytes.len() as u64)?.commit()
+    }
+
+    fn temp_file(&self) -> Result<(PathBuf, File), StoreError> {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .root
+            .join("tmp")
+            .join(format!("{}.{n}", std::process::id()));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_err("create", &path))?;
+        Ok((path, file))
+    }
+
+    /// Writes `contents` to `dest` atomically and durably.
+    fn write_atomic(&self, dest: &Path, contents: &[u8]) -> Result<(), StoreError> {
+        let (tmp, mut file) = self.temp_file()?;
+        let result = (|| {
+            file.write_all(contents).map_err(io_err("write", &tmp))?;
+            file.sync_all().map_err(io_err("fsync", &tmp))?;
+            rename_durably(&tmp, dest)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Records that `repo` on `host` holds the manifest `digest`. The blob
+    /// must already be committed.
+    pub fn link_manifest(
+        &self,
+        host: &RegistryHost,
+        repo: &RepoName,
+        digest: &Digest,
+        media_type: &str,
+    ) -> Result<(), StoreError> {
+        self.write_atomic(
+            &self.revision_path(host, repo, digest),
+            media_type.as_bytes(),
+        )
+    }
+
+    /// The media type of a manifest the repository holds, or `None`.
+    pub fn linked_manifest(
+        &self,
+        host: &RegistryHost,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<String>, StoreError> {
+        let path = self.revision_path(host, repo, digest);
+        match fs::read_to_string(&path) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("read", &path)(e)),
+        }
+    }
+
+    pub fn set_tag(
+        &self,
+        host: &RegistryHost,
+        repo: &RepoName,
+        tag: &Tag,
+        record: &TagRecord,
+    ) -> Result<(), StoreError> {
+        let path = self.tag_path(host, repo, tag);
+        let json = serde_json::to_vec(record).map_err(|source| StoreError::CorruptRecord {
+            path: path.clone(),
+            source,
+        })?;
+        self.write_atomic(&path, &json)
+    }
+
+    pub fn tag(
+        &self,
+        host: &RegistryHost,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<Option<TagRecord>, StoreError> {
+        let path = self.tag_path(host, repo, tag);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("read", &path)(e)),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| StoreError::CorruptRecord { path, source })
+    }
+
+    /// The repository's tags, sorted, or `None` when it holds no manifests.
+    pub fn tags(
+        &self,
+        host: &RegistryHost,
+        repo: &RepoName,
+    ) -> Result<Option<Vec<String>>, StoreError> {
+        let dir = self.repo_dir(host, repo);
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        let tags_dir = dir.join("tags");
+        let mut tags = Vec::new();
+        match fs::read_dir(&tags_dir) {
+            Ok(entries) => {
+                for entry in entries {
+                    let entry = entry.map_err(io_err("read", &tags_dir))?;
+                    if let Some(name) = entry.file_name().to_str() {
+                        tags.push(name.to_owned());
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("read", &tags_dir)(e)),
+        }
+        tags.sort();
+        Ok(Some(tags))
+    }
+}
+
+/// Moves `from` over `to` and fsyncs the directory so the rename survives a crash.
+fn rename_durably(from: &Path, to: &Path) -> Result<(), StoreError> {
+    let dir = to.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+    fs::rename(from, to).map_err(io_err("rename", to))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync", dir))
+}
+
+fn process_alive(pid: i32) -> bool {
+    // Signal 0 checks existence; EPERM still means it exists.
+    // SAFETY: kill with signal 0 sends nothing and has no memory effects.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// An open blob; reads are positioned so one file serves concurrent ranges.
+pub struct BlobFile {
+    file: File,
+    len: u64,
+}
+
+impl BlobFile {
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Reads up to `max` bytes at `offset` (blocking). Short only at EOF.
+    pub fn read_chunk(&self, offset: u64, max: usize) -> io::Result<Bytes> {
+        let mut buf = BytesMut::zeroed(max);
+        let mut filled = 0;
+        while filled < max {
+            match self
+                .file
+                .read_at(&mut buf[filled..], offset + filled as u64)
+            {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(filled);
+        Ok(buf.freeze())
+    }
+}
+
+/// A blob being written to a temp file, hashed as it goes.
+pub struct BlobWriter<'a> {
+    store: &'a Store,
+    path: PathBuf,
+    file: File,
+    hasher: Hasher,
+    len: u64,
+}
+
+impl BlobWriter<'_> {
+    pub fn write_all(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.hasher.update(bytes);
+        self.len += bytes.len() as u64;
+        self.file
+            .write_all(bytes)
+            .map_err(io_err("write", &self.path))
+    }
+
+    /// Checks digest and size, fsyncs, and returns the blob ready to commit.
+    /// On a mismatch the temp file is removed.
+    pub fn finish(
+        mut self,
+        expected: &Digest,
+        expected_len: u64,
+    ) -> Result<StagedBlob, StoreError> {
+        // From here the StagedBlob owns the temp file (and removes it on error).
+        let staged = StagedBlob {
+            from: std::mem::take(&mut self.path),
+            to: self.store.blob_path(expected),
+        };
+        let hasher = std::mem::replace(&mut self.hasher, Hasher::new(expected.algorithm()));
+        let actual = hasher.finish();
+        if &actual != expected {
+            return Err(StoreError::DigestMismatch {
+                expected: expected.clone(),
+                actual,
+                size: self.len,
+            });
+        }
+        if self.len != expected_len {
+            return Err(StoreError::SizeMismatch {
+                digest: expected.clone(),
+                expected: expected_len,
+                actual: self.len,
+            });
+        }
+        self.file
+            .sync_all()
+            .map_err(io_err("fsync", &staged.from))?;
+        Ok(staged)
+    }
+}
+
+impl Drop for BlobWriter<'_> {
+    fn drop(&mut self) {
+        // Unfinished: the bytes are not verified, so they must not stay.
+        // (`finish` moves the path into a StagedBlob, leaving it empty here.)
+        if !self.path.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A verified, fsynced blob waiting in `tmp/`; dropped uncommitted, it is removed.
+pub struct StagedBlob {
+    from: PathBuf,
+    to: PathBuf,
+}
+
+impl StagedBlob {
+    pub fn commit(self) -> Result<(), StoreError> {
+        // `from` no longer exists on success; on failure Drop removes it.
+        rename_durably(&self.from, &self.to)
+    }
+}
+
+impl Drop for StagedBlob {
+    fn drop(&mut self) {
+        if self.from.exists() {
+            let _ = fs::remove_file(&self.from);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count_files(dir: &Path) -> usize {
+        fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+    }
+
+    #[test]
+    fn verified_blob_is_committed_and_readable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let data = b"hello blob".repeat(1000);
+        let digest = Digest::sha256_of(&data);
+        store.put_blob_bytes(&digest, &data).expect("put");
+        let blob = store.open_blob(&digest).expect("open").expect("present");
+        assert_eq!(blob.len(), data.len() as u64);
+        assert_eq!(&blob.read_chunk(5, 7).expect("read")[..], &data[5..12]);
+        assert_eq!(
+            blob.read_chunk(data.len() as u64 - 3, 100)
+                .expect("read")
+                .len(),
+            3
+        );
+        assert_eq!(count_files(&dir.path().join("tmp")), 0);
+    }
+
+    #[test]
+    fn wrong_bytes_never_enter_the_cache() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let digest = Digest::sha256_of(b"right");
+        let err = store
+            .put_blob_bytes(&digest, b"wrong")
+            .expect_err("must fail");
+        assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+        let mut w = store.blob_writer(digest.algorithm()).expect("writer");
+        w.write_all(b"right").expect("write");
+        let err = w.finish(&digest, 6).err().expect("size mismatch");
+        assert!(matches!(err, StoreError::SizeMismatch { .. }), "{err}");
+        assert!(!store.has_blob(&digest));
+        assert_eq!(count_files(&dir.path().join("tmp")), 0);
+        // An abandoned writer leaves nothing either.
+        let mut w = store.blob_writer(digest.algorithm()).expect("writer");
+        w.write_all(b"rig").expect("write");
+        drop(w);
+        assert_eq!(count_files(&dir.path().join("tmp")), 0);
+    }
+
+    #[test]
+    fn leftovers_of_dead_writers_are_removed_on_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Store::open(dir.path()).expect("open");
+        let tmp = dir.path().join("tmp");
+        // pid 0 is never a user process; `junk` has no pid at all.
+        for name in ["999999999.0", "junk"] {
+            fs::write(tmp.join(name), b"partial").expect("write");
+        }
+        let mine = tmp.join(format!("{}.77", std::process::id()));
+        fs::write(&mine, b"in progress").expect("write");
+        Store::open(dir.path()).expect("reopen");
+        assert!(mine.exists(), "a live writer's temp file must survive");
+        assert_eq!(count_files(&tmp), 1);
+    }
+
+    #[test]
+    fn tags_and_links_round_trip_per_host() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let hub: RegistryHost = "docker.io".parse().expect("host");
+        let ghcr: RegistryHost = "ghcr.io".parse().expect("host");
+        let repo: RepoName = "library/alpine".parse().expect("repo");
+        let tag: Tag = "3.20".parse().expect("tag");
+        let digest = Digest::sha256_of(b"{}");
+        let record = TagRecord {
+            manifests: vec![ManifestVariant {
+                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                digest: digest.clone(),
+                size: 2,
+            }],
+        };
+        store.set_tag(&hub, &repo, &tag, &record).expect("set");
+        store
+            .link_manifest(
+                &hub,
+                &repo,
+                &digest,
+                "application/vnd.oci.image.manifest.v1+json",
+            )
+            .expect("link");
+        assert_eq!(store.tag(&hub, &repo, &tag).expect("read"), Some(record));
+        assert_eq!(store.tag(&ghcr, &repo, &tag).expect("read"), None);
+        assert!(store
+            .linked_manifest(&hub, &repo, &digest)
+            .expect("read")
+            .is_some());
+        assert!(store
+            .linked_manifest(&ghcr, &repo, &digest)
+            .expect("read")
+            .is_none());
+        assert_eq!(
+            store.tags(&hub, &repo).expect("list"),
+            Some(vec!["3.20".to_owned()])
+        );
+        assert_eq!(store.tags(&ghcr, &repo).expect("list"), None);
+    }
+}
