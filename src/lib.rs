@@ -1,3 +1,13 @@
+//! nixery-local: a local registry mirror. Requests enter at [`http`], which
+//! calls the [`registry`] service, which reads the content-addressed
+//! [`store`]. [`import`] seeds the store from OCI layouts.
+
+pub mod chunks;
+pub mod config;
 pub mod digest;
+pub mod http;
+pub mod import;
+pub mod manifest;
 pub mod reference;
+pub mod registry;
 pub mod store;

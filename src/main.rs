@@ -1,1 +1,189 @@
-fn main() {}
+//! The `nixery-local` command: parses the command line, sets up logging and
+//! the runtime, and hands over to the library. The only place `anyhow` is used.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use nixery_local::config::{ConfigError, Options, Settings};
+use nixery_local::http::{self, ServerOptions};
+use nixery_local::reference::ImageRef;
+use nixery_local::registry::Registry;
+use nixery_local::store::Store;
+
+/// sysexits' EX_USAGE: the command line or config file is wrong.
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "nixery-local",
+    version,
+    about = "A local registry mirror: Nix images built on pull, and a pull-through cache for every other registry"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the registry daemon.
+    Serve {
+        /// TOML file with any of the options below (same names, e.g.
+        /// `state-dir = "/var/cache/nixery-local"`); flags win over it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        options: Options,
+    },
+    /// Seed the cache from an OCI image layout, as if REF had been pulled.
+    Import {
+        /// TOML config file (only `state-dir` matters here).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The cache directory (defaults as for `serve`).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// The layout directory, as written by `skopeo copy … oci:DIR:TAG`.
+        layout: PathBuf,
+        /// The image it becomes, e.g. docker.io/library/alpine:3.20.
+        reference: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => return usage_error(first_line(&e.to_string())),
+    };
+    init_logging();
+    let result = match cli.command {
+        Command::Serve { config, options } => match settings(config, options) {
+            Ok(s) => serve(s),
+            Err(e) => return usage_error(&e.to_string()),
+        },
+        Command::Import {
+            config,
+            state_dir,
+            layout,
+            reference,
+        } => {
+            let options = Options {
+                state_dir,
+                ..Options::default()
+            };
+            let settings = match settings(config, options) {
+                Ok(s) => s,
+                Err(e) => return usage_error(&e.to_string()),
+            };
+            let reference: ImageRef = match reference.parse() {
+                Ok(r) => r,
+                Err(e) => return usage_error(&e.to_string()),
+            };
+            import(&settings, &layout, &reference)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nixery-local: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s)
+}
+
+fn usage_error(reason: &str) -> ExitCode {
+    eprintln!("nixery-local: {}", reason.trim_start_matches("error: "));
+    ExitCode::from(EXIT_USAGE)
+}
+
+fn settings(config: Option<PathBuf>, flags: Options) -> Result<Settings, ConfigError> {
+    let file = match config {
+        Some(path) => Options::from_file(&path)?,
+        None => Options::default(),
+    };
+    flags.or(file).resolve()
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NIXERY_LOCAL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn open_store(settings: &Settings) -> anyhow::Result<Store> {
+    Store::open(&settings.state_dir)
+        .with_context(|| format!("opening the cache at {}", settings.state_dir.display()))
+}
+
+fn import(
+    settings: &Settings,
+    layout: &std::path::Path,
+    reference: &ImageRef,
+) -> anyhow::Result<()> {
+    let store = open_store(settings)?;
+    let digest = nixery_local::import::import_layout(&store, layout, reference)
+        .with_context(|| format!("importing {} as {reference}", layout.display()))?;
+    println!("imported {reference} {digest}");
+    Ok(())
+}
+
+fn serve(settings: Settings) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let store = Arc::new(open_store(&settings)?);
+        let registry = Arc::new(Registry::new(store, settings.default_registry.clone()));
+        let listener = tokio::net::TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("listening on {}", settings.listen))?;
+        let addr = listener.local_addr().context("reading the bound address")?;
+        tracing::info!(state_dir = %settings.state_dir.display(), default_registry = %settings.default_registry, "serving");
+        // Tests and scripts wait for this exact line.
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "nixery-local listening on http://{addr}").context("writing to stdout")?;
+        out.flush().context("writing to stdout")?;
+        drop(out);
+        let options = ServerOptions {
+            header_timeout: settings.header_timeout,
+            max_connections: settings.max_connections,
+        };
+        http::serve(listener, registry, options, shutdown_signal()).await;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = tokio::signal::ctrl_c() => {},
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the daemon");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutdown requested");
+}

@@ -25,7 +25,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::{Digest, Hasher};
@@ -374,11 +374,11 @@ impl BlobFile {
         self.len == 0
     }
 
-    /// Reads up to `max` bytes at `offset` (blocking). Short only at EOF.
-    pub fn read_chunk(&self, offset: u64, max: usize) -> io::Result<Bytes> {
-        let mut buf = BytesMut::zeroed(max);
+    /// Fills `buf` from `offset` (blocking) and returns how many bytes were
+    /// read: fewer than `buf.len()` only at the end of the blob.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         let mut filled = 0;
-        while filled < max {
+        while filled < buf.len() {
             match self
                 .file
                 .read_at(&mut buf[filled..], offset + filled as u64)
@@ -389,8 +389,7 @@ impl BlobFile {
                 Err(e) => return Err(e),
             }
         }
-        buf.truncate(filled);
-        Ok(buf.freeze())
+        Ok(filled)
     }
 }
 
@@ -495,13 +494,12 @@ mod tests {
         store.put_blob_bytes(&digest, &data).expect("put");
         let blob = store.open_blob(&digest).expect("open").expect("present");
         assert_eq!(blob.len(), data.len() as u64);
-        assert_eq!(&blob.read_chunk(5, 7).expect("read")[..], &data[5..12]);
-        assert_eq!(
-            blob.read_chunk(data.len() as u64 - 3, 100)
-                .expect("read")
-                .len(),
-            3
-        );
+        let mut buf = [0u8; 7];
+        assert_eq!(blob.read_at(5, &mut buf).expect("read"), 7);
+        assert_eq!(&buf[..], &data[5..12]);
+        let mut big = [0u8; 100];
+        let n = blob.read_at(data.len() as u64 - 3, &mut big).expect("read");
+        assert_eq!(n, 3, "short only at the end");
         assert_eq!(count_files(&dir.path().join("tmp")), 0);
     }
 

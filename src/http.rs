@@ -1,0 +1,671 @@
+//! The HTTP edge: accepts connections, maps `/v2/…` requests onto the
+//! [`Registry`] service and writes its answers, streaming blobs from disk.
+//!
+//! This module owns everything about the wire: routing, header parsing
+//! (`Accept`, `Range`, the `ns` query), connection limits and timeouts,
+//! graceful shutdown, and the one place where service errors become the OCI
+//! error envelope ([`ApiError`]).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::chunks::ChunkPool;
+use crate::digest::Digest;
+use crate::reference::{NameError, Reference, RegistryHost, RepoName};
+use crate::registry::{Accept, Registry, RegistryError};
+use crate::store::BlobFile;
+
+pub type Body = UnsyncBoxBody<Bytes, io::Error>;
+
+/// Blobs are read and sent in chunks this large: big enough that per-chunk
+/// overhead vanishes (4 KiB chunks run at a twentieth of the speed), small
+/// enough that many concurrent clients stay within a few MiB each.
+const CHUNK: usize = 1 << 20;
+
+/// Idle chunk buffers kept for reuse (see [`crate::chunks`]): enough for 16
+/// clients streaming at full speed.
+const POOLED_CHUNKS: usize = 24;
+
+/// Request heads larger than this are refused with 431 by hyper.
+const MAX_HEAD: usize = 64 << 10;
+
+/// How long in-flight requests may run after a shutdown signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
+const READ_ONLY_METHODS: HeaderValue = HeaderValue::from_static("GET, HEAD");
+
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// A client must send a complete request head within this time.
+    pub header_timeout: Duration,
+    /// Connections beyond this wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+/// Serves `registry` on `listener` until `shutdown` completes, then lets
+/// in-flight requests finish (up to [`DRAIN_TIMEOUT`]).
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    options: ServerOptions,
+    shutdown: impl Future<Output = ()>,
+) {
+    let app = Arc::new(App {
+        registry,
+        chunks: ChunkPool::new(CHUNK, POOLED_CHUNKS),
+    });
+    let graceful = GracefulShutdown::new();
+    let limit = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&limit).acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break, // the semaphore is never closed
+            },
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = Arc::clone(&app);
+        let service = service_fn(move |req| {
+            let app = Arc::clone(&app);
+            async move { Ok::<_, Infallible>(handle(&app, req).await) }
+        });
+        let conn = http1::Builder::new()
+            // Without a timer hyper silently ignores header_read_timeout.
+            .timer(TokioTimer::new())
+            .header_read_timeout(options.header_timeout)
+            .max_buf_size(MAX_HEAD)
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: draining connections");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("drain timed out; closing remaining connections"),
+    }
+}
+
+/// What every request handler shares.
+struct App {
+    registry: Arc<Registry>,
+    chunks: Arc<ChunkPool>,
+}
+
+/// An error as the client sees it: a status and one entry of the OCI error
+/// envelope `{"errors":[{"code","message"}]}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn unsupported_route() -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "UNSUPPORTED",
+            "no such endpoint in the registry API",
+        )
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> ApiError {
+        match e {
+            RegistryError::ManifestUnknown(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", e.to_string())
+            }
+            RegistryError::BlobUnknown(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", e.to_string())
+            }
+            RegistryError::NameUnknown(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "NAME_UNKNOWN", e.to_string())
+            }
+            RegistryError::Store(_) | RegistryError::Task(_) => {
+                // The detail (paths, OS errors) goes to the log, not the client.
+                tracing::error!(error = %e, "request failed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "UNKNOWN",
+                    "internal error; see the daemon's log",
+                )
+            }
+        }
+    }
+}
+
+impl From<NameError> for ApiError {
+    fn from(e: NameError) -> ApiError {
+        match e {
+            NameError::Digest(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "DIGEST_INVALID", e.to_string())
+            }
+            // A tag that cannot exist names no manifest.
+            NameError::Tag(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", e.to_string())
+            }
+            NameError::Repository(_) | NameError::Host(_) | NameError::Image(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "NAME_INVALID", e.to_string())
+            }
+        }
+    }
+}
+
+/// The `/v2/` endpoints, split off the path from its end: repository names
+/// may themselves contain `manifests` or `blobs` components, but references
+/// and digests never contain `/`.
+#[derive(Debug, PartialEq, Eq)]
+enum Route<'a> {
+    Ping,
+    Manifest { name: &'a str, reference: &'a str },
+    Blob { name: &'a str, digest: &'a str },
+    Upload,
+    Tags { name: &'a str },
+}
+
+fn route(path: &str) -> Option<Route<'_>> {
+    let rest = match path {
+        "/v2" | "/v2/" => return Some(Route::Ping),
+        p => p.strip_prefix("/v2/")?,
+    };
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        return Some(Route::Tags { name });
+    }
+    if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
+        if !reference.contains('/') {
+            return Some(Route::Manifest { name, reference });
+        }
+    }
+    if let Some((name, tail)) = rest.rsplit_once("/blobs/") {
+        if !tail.contains('/') && tail != "uploads" {
+            return Some(Route::Blob { name, digest: tail });
+        }
+    }
+    if rest.contains("/blobs/uploads") {
+        return Some(Route::Upload);
+    }
+    None
+}
+
+/// What a request asked for beyond its route.
+struct Query {
+    ns: Option<RegistryHost>,
+    n: Option<usize>,
+    last: Option<String>,
+}
+
+fn parse_query(query: Option<&str>) -> Result<Query, ApiError> {
+    let mut q = Query {
+        ns: None,
+        n: None,
+        last: None,
+    };
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match &*key {
+            "ns" if q.ns.is_none() => q.ns = Some(value.parse::<RegistryHost>()?),
+            "n" => {
+                q.n = Some(value.parse().map_err(|_| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "PAGINATION_NUMBER_INVALID",
+                        "n must be a non-negative integer",
+                    )
+                })?)
+            }
+            "last" => q.last = Some(value.into_owned()),
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let mut ns_echo = None;
+    let mut response = match dispatch(app, &req, &mut ns_echo).await {
+        Ok(r) => r,
+        Err(e) => error_response(e),
+    };
+    let headers = response.headers_mut();
+    headers.insert("docker-distribution-api-version", API_VERSION);
+    if let Some(ns) = ns_echo {
+        if let Ok(v) = HeaderValue::from_str(ns.as_str()) {
+            headers.insert("oci-namespace", v);
+        }
+    }
+    if method == Method::HEAD {
+        // Headers only; Content-Length stays that of the GET.
+        *response.body_mut() = empty();
+    }
+    tracing::debug!(%method, %path, status = response.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "request");
+    response
+}
+
+async fn dispatch(
+    app: &App,
+    req: &Request<Incoming>,
+    ns_echo: &mut Option<RegistryHost>,
+) -> Result<Response<Body>, ApiError> {
+    let Some(route) = route(req.uri().path()) else {
+        return Err(ApiError::unsupported_route());
+    };
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            format!(
+                "{} is not supported: this registry is a read-only cache",
+                req.method()
+            ),
+        ));
+    }
+    let registry = &app.registry;
+    let query = parse_query(req.uri().query())?;
+    *ns_echo = query.ns.clone();
+    let host = query.ns.unwrap_or_else(|| registry.default_host().clone());
+    match route {
+        Route::Ping => Ok(json_response(StatusCode::OK, Bytes::from_static(b"{}"))),
+        Route::Upload => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            "uploads are not supported: this registry is a read-only cache",
+        )),
+        Route::Manifest { name, reference } => {
+            let repo: RepoName = name.parse()?;
+            let reference: Reference = reference.parse()?;
+            let accept = Accept::from_header_values(
+                req.headers()
+                    .get_all(header::ACCEPT)
+                    .iter()
+                    .map(|v| v.as_bytes()),
+            );
+            let m = registry.manifest(host, repo, reference, accept).await?;
+            let mut resp = Response::new(full(m.bytes.clone()));
+            let h = resp.headers_mut();
+            insert_str(h, header::CONTENT_TYPE, &m.media_type);
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.bytes.len()));
+            insert_str(h, "docker-content-digest", &m.digest.to_string());
+            insert_str(h, header::ETAG, &format!("\"{}\"", m.digest));
+            Ok(resp)
+        }
+        Route::Blob { name, digest } => {
+            let _repo: RepoName = name.parse()?;
+            let digest: Digest = digest.parse().map_err(NameError::from)?;
+            let blob = registry.blob(digest).await?;
+            Ok(blob_response(
+                &app.chunks,
+                blob.file,
+                &blob.digest,
+                req.headers(),
+                req.method(),
+            ))
+        }
+        Route::Tags { name } => {
+            let repo: RepoName = name.parse()?;
+            let page = registry
+                .tags(host, repo.clone(), query.n, query.last)
+                .await?;
+            let body = serde_json::json!({ "name": repo.as_str(), "tags": page.tags });
+            let mut resp = json_response(StatusCode::OK, Bytes::from(body.to_string()));
+            if let (Some(last), Some(n)) = (page.next_after, query.n) {
+                let next = form_urlencoded::Serializer::new(String::new())
+                    .append_pair("n", &n.to_string())
+                    .append_pair("last", &last)
+                    .finish();
+                insert_str(
+                    resp.headers_mut(),
+                    header::LINK,
+                    &format!("</v2/{repo}/tags/list?{next}>; rel=\"next\""),
+                );
+            }
+            Ok(resp)
+        }
+    }
+}
+
+/// A single byte range `[start, end]` (inclusive), already checked against the size.
+#[derive(Debug, PartialEq, Eq)]
+enum RangeRequest {
+    Whole,
+    Part { start: u64, end: u64 },
+    Unsatisfiable,
+}
+
+/// Parses `Range: bytes=…` for a blob of `size` bytes. Only single ranges are
+/// served as 206; anything else we do not understand (multiple ranges, other
+/// units, garbage) is ignored and the whole blob sent, as RFC 9110 allows.
+fn parse_range(headers: &HeaderMap, size: u64) -> RangeRequest {
+    let Some(value) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return RangeRequest::Whole;
+    };
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return RangeRequest::Whole;
+    };
+    if spec.contains(',') {
+        return RangeRequest::Whole;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return RangeRequest::Whole;
+    };
+    let num = |s: &str| -> Option<u64> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            None
+        } else {
+            s.parse().ok()
+        }
+    };
+    match (first.is_empty(), num(first), num(last)) {
+        // bytes=-N: the last N bytes.
+        (true, _, Some(n)) => {
+            if n == 0 || size == 0 {
+                RangeRequest::Unsatisfiable
+            } else {
+                RangeRequest::Part {
+                    start: size - n.min(size),
+                    end: size - 1,
+                }
+            }
+        }
+        (false, Some(start), None) if last.is_empty() => {
+            if start >= size {
+                RangeRequest::Unsatisfiable
+            } else {
+                RangeRequest::Part {
+                    start,
+                    end: size - 1,
+                }
+            }
+        }
+        (false, Some(start), Some(end)) => {
+            if start > end || start >= size {
+                RangeRequest::Unsatisfiable
+            } else {
+                RangeRequest::Part {
+                    start,
+                    end: end.min(size - 1),
+                }
+            }
+        }
+        _ => RangeRequest::Whole,
+    }
+}
+
+fn blob_response(
+    chunks: &Arc<ChunkPool>,
+    file: Arc<BlobFile>,
+    digest: &Digest,
+    headers: &HeaderMap,
+    method: &Method,
+) -> Response<Body> {
+    let size = file.len();
+    let (status, start, end_excl) = match parse_range(headers, size) {
+        RangeRequest::Whole => (StatusCode::OK, 0, size),
+        RangeRequest::Part { start, end } => (StatusCode::PARTIAL_CONTENT, start, end + 1),
+        RangeRequest::Unsatisfiable => {
+            let mut resp = error_response(ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "BLOB_UNKNOWN",
+                format!("range not satisfiable for a blob of {size} bytes"),
+            ));
+            insert_str(
+                resp.headers_mut(),
+                header::CONTENT_RANGE,
+                &format!("bytes */{size}"),
+            );
+            return resp;
+        }
+    };
+    let body = if method == Method::HEAD {
+        empty()
+    } else {
+        blob_stream(Arc::clone(chunks), file, start, end_excl)
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(end_excl - start));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    insert_str(h, "docker-content-digest", &digest.to_string());
+    insert_str(h, header::ETAG, &format!("\"{digest}\""));
+    if status == StatusCode::PARTIAL_CONTENT {
+        insert_str(
+            h,
+            header::CONTENT_RANGE,
+            &format!("bytes {start}-{}/{size}", end_excl - 1),
+        );
+    }
+    resp
+}
+
+/// Streams `[start, end)` of `file` in pooled chunks read on the blocking
+/// pool, one chunk read ahead so disk and socket overlap. hyper polls for the
+/// next chunk only once the previous one is written, so a slow client holds at
+/// most two chunks and never stalls anyone else.
+fn blob_stream(pool: Arc<ChunkPool>, file: Arc<BlobFile>, start: u64, end: u64) -> Body {
+    type Pending = tokio::task::JoinHandle<io::Result<Bytes>>;
+    fn read(pool: &Arc<ChunkPool>, file: &Arc<BlobFile>, offset: u64, end: u64) -> Option<Pending> {
+        if offset >= end {
+            return None;
+        }
+        let len = (end - offset).min(pool.chunk_size() as u64) as usize;
+        let (pool, file) = (Arc::clone(pool), Arc::clone(file));
+        Some(tokio::task::spawn_blocking(move || {
+            let mut chunk = pool.take();
+            let n = file.read_at(offset, &mut chunk.buffer()[..len])?;
+            if n < len {
+                // The file shrank under us; sending less than Content-Length
+                // would corrupt the client's view, so abort the response.
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "blob is shorter than its recorded size",
+                ));
+            }
+            chunk.set_len(n);
+            Ok(chunk.freeze())
+        }))
+    }
+    let first = read(&pool, &file, start, end);
+    let state = (pool, file, start, end, first);
+    let stream =
+        futures_util::stream::unfold(state, |(pool, file, offset, end, pending)| async move {
+            let chunk = match pending?.await {
+                Ok(Ok(chunk)) => chunk,
+                Ok(Err(e)) => return Some((Err(e), (pool, file, end, end, None))),
+                Err(e) => return Some((Err(io::Error::other(e)), (pool, file, end, end, None))),
+            };
+            let next_offset = offset + chunk.len() as u64;
+            let next = read(&pool, &file, next_offset, end);
+            Some((Ok(chunk), (pool, file, next_offset, end, next)))
+        });
+    BodyExt::boxed_unsync(StreamBody::new(stream.map_ok(Frame::data)))
+}
+
+fn error_response(e: ApiError) -> Response<Body> {
+    let body = serde_json::json!({
+        "errors": [{ "code": e.code, "message": e.message }]
+    });
+    let mut resp = json_response(e.status, Bytes::from(body.to_string()));
+    if e.status == StatusCode::METHOD_NOT_ALLOWED {
+        resp.headers_mut().insert(header::ALLOW, READ_ONLY_METHODS);
+    }
+    resp
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
+    let len = body.len();
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    resp
+}
+
+/// Values here come from validated names and digests or from the store's own
+/// records; one that is not a valid header value is left out, not sent broken.
+fn insert_str(h: &mut HeaderMap, name: impl header::IntoHeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(name, v);
+    }
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes)
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync()
+}
+
+fn empty() -> Body {
+    Empty::new()
+        .map_err(|e: Infallible| match e {})
+        .boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_split_from_the_end() {
+        assert_eq!(route("/v2/"), Some(Route::Ping));
+        assert_eq!(route("/v2"), Some(Route::Ping));
+        assert_eq!(
+            route("/v2/a/manifests/b/manifests/latest"),
+            Some(Route::Manifest {
+                name: "a/manifests/b",
+                reference: "latest"
+            })
+        );
+        assert_eq!(
+            route("/v2/library/alpine/blobs/sha256:abc"),
+            Some(Route::Blob {
+                name: "library/alpine",
+                digest: "sha256:abc"
+            })
+        );
+        assert_eq!(route("/v2/x/blobs/uploads/"), Some(Route::Upload));
+        assert_eq!(route("/v2/x/blobs/uploads/123"), Some(Route::Upload));
+        assert_eq!(
+            route("/v2/x/y/tags/list"),
+            Some(Route::Tags { name: "x/y" })
+        );
+        assert_eq!(route("/v2/x/manifests/a/b"), None);
+        assert_eq!(route("/v3/x"), None);
+        assert_eq!(route("/etc/passwd"), None);
+    }
+
+    fn range(v: &str, size: u64) -> RangeRequest {
+        let mut h = HeaderMap::new();
+        h.insert(header::RANGE, HeaderValue::from_str(v).expect("header"));
+        parse_range(&h, size)
+    }
+
+    #[test]
+    fn ranges_follow_the_conformance_suite() {
+        use RangeRequest::*;
+        assert_eq!(
+            range("bytes=500-1499", 2048),
+            Part {
+                start: 500,
+                end: 1499
+            }
+        );
+        assert_eq!(
+            range("bytes=500-", 2048),
+            Part {
+                start: 500,
+                end: 2047
+            }
+        );
+        assert_eq!(
+            range("bytes=-500", 2048),
+            Part {
+                start: 1548,
+                end: 2047
+            }
+        );
+        assert_eq!(
+            range("bytes=500-9999", 2048),
+            Part {
+                start: 500,
+                end: 2047
+            }
+        );
+        assert_eq!(range("bytes=500-0", 2048), Unsatisfiable);
+        assert_eq!(range("bytes=2048-", 2048), Unsatisfiable);
+        assert_eq!(range("bytes=-0", 2048), Unsatisfiable);
+        assert_eq!(range("bytes=0-", 0), Unsatisfiable);
+        assert_eq!(range("bytes=0-1,5-6", 2048), Whole);
+        assert_eq!(range("items=0-1", 2048), Whole);
+        assert_eq!(range("bytes=x-1", 2048), Whole);
+        assert_eq!(range("bytes=+1-2", 2048), Whole);
+    }
+
+    #[test]
+    fn ns_is_parsed_and_validated() {
+        let q = parse_query(Some("ns=myreg.io%3A5000&n=3")).expect("query");
+        assert_eq!(
+            q.ns.map(|h| h.to_string()).as_deref(),
+            Some("myreg.io:5000")
+        );
+        assert_eq!(q.n, Some(3));
+        assert!(parse_query(Some("ns=..%2Fetc")).is_err());
+        assert!(parse_query(Some("n=-1")).is_err());
+    }
+}

@@ -1,0 +1,321 @@
+//! The registry service: answers "which manifest bytes, which blob, which
+//! tags" for a (registry host, repository) from the cache. It knows nothing of
+//! HTTP; [`crate::http`] turns requests into calls here and [`RegistryError`]s
+//! into the OCI error envelope.
+//!
+//! The store is synchronous, so every call into it runs on the blocking pool.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::digest::Digest;
+use crate::reference::{Reference, RegistryHost, RepoName};
+use crate::store::{BlobFile, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("manifest unknown: {0}")]
+    ManifestUnknown(String),
+    #[error("blob unknown to registry: {0}")]
+    BlobUnknown(Digest),
+    #[error("repository name not known to registry: {0}")]
+    NameUnknown(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("background task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// The media types a client said it can read (its `Accept` header).
+#[derive(Clone, Debug, Default)]
+pub struct Accept {
+    /// Bare `type/subtype` values, parameters stripped. Empty: anything.
+    types: Vec<String>,
+}
+
+impl Accept {
+    /// Parses the values of every `Accept` header of a request. Values that
+    /// are not UTF-8 are ignored: they cannot name a manifest type.
+    pub fn from_header_values<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Accept {
+        let mut types = Vec::new();
+        for value in values {
+            let Ok(value) = std::str::from_utf8(value) else {
+                continue;
+            };
+            for item in value.split(',') {
+                let bare = item.split(';').next().unwrap_or("").trim();
+                if !bare.is_empty() {
+                    types.push(bare.to_ascii_lowercase());
+                }
+            }
+        }
+        Accept { types }
+    }
+
+    pub fn accepts(&self, media_type: &str) -> bool {
+        if self.types.is_empty() {
+            return true;
+        }
+        let media_type = media_type.to_ascii_lowercase();
+        let top = media_type.split('/').next().unwrap_or("");
+        self.types.iter().any(|t| {
+            t == "*/*"
+                || *t == media_type
+                || t.strip_suffix("/*").is_some_and(|prefix| prefix == top)
+        })
+    }
+}
+
+/// Manifest bytes exactly as stored, with what the client needs to trust them.
+#[derive(Clone, Debug)]
+pub struct Manifest {
+    pub bytes: Bytes,
+    pub media_type: String,
+    pub digest: Digest,
+}
+
+/// An open blob ready to stream.
+pub struct Blob {
+    pub file: Arc<BlobFile>,
+    pub digest: Digest,
+}
+
+/// One page of a repository's tags.
+#[derive(Debug)]
+pub struct TagPage {
+    pub tags: Vec<String>,
+    /// Set when more tags follow: the last tag of this page.
+    pub next_after: Option<String>,
+}
+
+pub struct Registry {
+    store: Arc<Store>,
+    default_host: RegistryHost,
+}
+
+impl Registry {
+    pub fn new(store: Arc<Store>, default_host: RegistryHost) -> Registry {
+        Registry {
+            store,
+            default_host,
+        }
+    }
+
+    /// The host requests without containerd's `ns` parameter are scoped to.
+    pub fn default_host(&self) -> &RegistryHost {
+        &self.default_host
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T, RegistryError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, RegistryError> + Send + 'static,
+    {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || f(&store)).await?
+    }
+
+    /// The manifest `reference` names in `repo` on `host`, in a media type
+    /// the client accepts.
+    ///
+    /// By tag, the first of the tag's variants the client accepts is served;
+    /// a client that accepts none of them gets `ManifestUnknown` rather than
+    /// bytes it cannot read. By digest, the bytes are fixed by the digest, so
+    /// they are served whatever the `Accept`, but only if this repository holds
+    /// that manifest.
+    pub async fn manifest(
+        &self,
+        host: RegistryHost,
+        repo: RepoName,
+        reference: Reference,
+        accept: Accept,
+    ) -> Result<Manifest, RegistryError> {
+        self.blocking(move |store| {
+            let (digest, media_type) = match &reference {
+                Reference::Tag(tag) => {
+                    let record = store.tag(&host, &repo, tag)?.ok_or_else(|| {
+                        RegistryError::ManifestUnknown(format!("{host}/{repo}:{tag}"))
+                    })?;
+                    let variant = record
+                        .manifests
+                        .into_iter()
+                        .find(|v| accept.accepts(&v.media_type))
+                        .ok_or_else(|| {
+                            RegistryError::ManifestUnknown(format!(
+                                "{host}/{repo}:{tag} is not stored in a media type the client accepts"
+                            ))
+                        })?;
+                    (variant.digest, variant.media_type)
+                }
+                Reference::Digest(digest) => {
+                    let media_type = store.linked_manifest(&host, &repo, digest)?.ok_or_else(
+                        || RegistryError::ManifestUnknown(format!("{host}/{repo}@{digest}")),
+                    )?;
+                    (digest.clone(), media_type)
+                }
+            };
+            let bytes = store.read_manifest(&digest)?.ok_or_else(|| {
+                tracing::warn!(%digest, "manifest is linked but its blob is missing");
+                RegistryError::ManifestUnknown(format!("{host}/{repo}@{digest}"))
+            })?;
+            Ok(Manifest {
+                bytes,
+                media_type,
+                digest,
+            })
+        })
+        .await
+    }
+
+    /// A blob by digest. Blobs are content-addressed and shared by every
+    /// repository of the cache, so any repository name reaches them.
+    pub async fn blob(&self, digest: Digest) -> Result<Blob, RegistryError> {
+        self.blocking(move |store| match store.open_blob(&digest)? {
+            Some(file) => Ok(Blob {
+                file: Arc::new(file),
+                digest,
+            }),
+            None => Err(RegistryError::BlobUnknown(digest)),
+        })
+        .await
+    }
+
+    /// The repository's tags in lexical order, `n` at most, after `last`.
+    pub async fn tags(
+        &self,
+        host: RegistryHost,
+        repo: RepoName,
+        n: Option<usize>,
+        last: Option<String>,
+    ) -> Result<TagPage, RegistryError> {
+        self.blocking(move |store| {
+            let all = store
+                .tags(&host, &repo)?
+                .ok_or_else(|| RegistryError::NameUnknown(format!("{host}/{repo}")))?;
+            let mut tags: Vec<String> = match &last {
+                Some(last) => all.into_iter().filter(|t| t > last).collect(),
+                None => all,
+            };
+            let mut next_after = None;
+            if let Some(n) = n {
+                if tags.len() > n {
+                    tags.truncate(n);
+                    next_after = tags.last().cloned();
+                }
+            }
+            Ok(TagPage { tags, next_after })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::Tag;
+    use crate::store::{ManifestVariant, TagRecord};
+
+    const OCI: &str = "application/vnd.oci.image.manifest.v1+json";
+    const DOCKER: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+    fn accept(v: &str) -> Accept {
+        Accept::from_header_values([v.as_bytes()])
+    }
+
+    #[test]
+    fn accept_matches_types_wildcards_and_parameters() {
+        assert!(Accept::default().accepts(OCI));
+        assert!(accept("*/*").accepts(OCI));
+        assert!(accept("application/*").accepts(OCI));
+        assert!(accept(&format!("{DOCKER}, {OCI};q=0.5")).accepts(OCI));
+        assert!(!accept(DOCKER).accepts(OCI));
+        assert!(!accept("text/*").accepts(OCI));
+    }
+
+    async fn registry_with_tag(variants: &[(&str, &[u8])]) -> (tempfile::TempDir, Registry) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let host: RegistryHost = "docker.io".parse().expect("host");
+        let repo: RepoName = "library/a".parse().expect("repo");
+        let mut manifests = Vec::new();
+        for (media_type, bytes) in variants {
+            let digest = Digest::sha256_of(bytes);
+            store.put_blob_bytes(&digest, bytes).expect("put");
+            store
+                .link_manifest(&host, &repo, &digest, media_type)
+                .expect("link");
+            manifests.push(ManifestVariant {
+                media_type: media_type.to_string(),
+                digest,
+                size: bytes.len() as u64,
+            });
+        }
+        let tag: Tag = "1".parse().expect("tag");
+        store
+            .set_tag(&host, &repo, &tag, &TagRecord { manifests })
+            .expect("tag");
+        (dir, Registry::new(Arc::new(store), host))
+    }
+
+    #[tokio::test]
+    async fn negotiates_between_stored_variants() {
+        let (_dir, reg) = registry_with_tag(&[(OCI, b"oci"), (DOCKER, b"docker")]).await;
+        let get = |a: Accept| {
+            reg.manifest(
+                "docker.io".parse().expect("host"),
+                "library/a".parse().expect("repo"),
+                Reference::Tag("1".parse().expect("tag")),
+                a,
+            )
+        };
+        let m = get(Accept::default()).await.expect("default");
+        assert_eq!(m.media_type, OCI);
+        let m = get(accept(DOCKER)).await.expect("docker");
+        assert_eq!(&m.bytes[..], b"docker");
+        assert!(matches!(
+            get(accept(
+                "application/vnd.docker.distribution.manifest.list.v2+json"
+            ))
+            .await,
+            Err(RegistryError::ManifestUnknown(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn scoped_by_host_and_repository() {
+        let (_dir, reg) = registry_with_tag(&[(OCI, b"oci")]).await;
+        let digest = Digest::sha256_of(b"oci");
+        let by_digest = |host: &str, repo: &str| {
+            reg.manifest(
+                host.parse().expect("host"),
+                repo.parse().expect("repo"),
+                Reference::Digest(digest.clone()),
+                Accept::default(),
+            )
+        };
+        assert!(by_digest("docker.io", "library/a").await.is_ok());
+        assert!(by_digest("ghcr.io", "library/a").await.is_err());
+        assert!(by_digest("docker.io", "library/b").await.is_err());
+        let page = reg
+            .tags(
+                "docker.io".parse().expect("host"),
+                "library/a".parse().expect("repo"),
+                None,
+                None,
+            )
+            .await
+            .expect("tags");
+        assert_eq!(page.tags, vec!["1"]);
+        assert!(matches!(
+            reg.tags(
+                "ghcr.io".parse().expect("host"),
+                "library/a".parse().expect("repo"),
+                None,
+                None
+            )
+            .await,
+            Err(RegistryError::NameUnknown(_))
+        ));
+    }
+}
