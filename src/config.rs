@@ -75,7 +75,7 @@ impl Options {
         toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             // toml's messages span several lines; keep the reason on one.
-            message: e.message().to_owned(),
+            message: e.message().trim().replace('\n', "; "),
         })
     }
 

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on a fresh Debian machine: installs the real
+# clients and servers the tests drive, then formatting, lints and tests.
+# Needs root (containerd runs containers); run it as `sudo tests/run.sh`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "tests/run.sh: run as root (sudo tests/run.sh): the containerd tests mount overlayfs and start containers" >&2
+    exit 1
+fi
+
+packages=(
+    containerd runc      # a real containerd pulls and runs the images
+    skopeo               # a second real client: inspect and copy
+    docker-registry      # CNCF distribution, an upstream registry
+    nix-bin              # builds the tests' package set for Nix images
+    busybox-static       # the one binary in the test images and package set
+    curl jq ca-certificates
+)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# Nix runs single-user as root here, building with busybox and no sandbox.
+tests/setup-nix.sh
+
+cargo fmt --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --all-targets --locked

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Makes the host's Nix usable for the tests: Debian's nix-bin, single-user
+# as root (no nix-daemon runs in CI), building with busybox and no network.
+# Fails loudly if Nix cannot build: a Nix test that cannot run is a failure.
+set -euo pipefail
+
+command -v nix-build >/dev/null || { echo "setup-nix: nix-build missing (apt-get install nix-bin)" >&2; exit 1; }
+[ -x /bin/busybox ] || { echo "setup-nix: /bin/busybox missing (apt-get install busybox-static)" >&2; exit 1; }
+
+# Debian's package creates the store and the nixbld users in its postinst;
+# make sure of the directories a single-user store needs.
+mkdir -p /nix/store /nix/var/nix/gcroots /nix/var/nix/profiles /nix/var/nix/temproots
+# Debian ships sandbox = false; the builds read /bin/busybox from the host.
+if ! grep -qs '^sandbox *= *false' /etc/nix/nix.conf; then
+    mkdir -p /etc/nix
+    echo 'sandbox = false' >> /etc/nix/nix.conf
+fi
+
+# Prove a build works now rather than in the middle of a test.
+out=$(NIX_REMOTE= nix-build --no-out-link -E 'derivation {
+    name = "nixery-local-setup-check"; system = builtins.currentSystem;
+    builder = "/bin/busybox"; args = [ "sh" "-c" "echo ok > $out" ]; }' 2>&1) || {
+    echo "setup-nix: a trivial Nix build failed:" >&2
+    echo "$out" >&2
+    exit 1
+}
+echo "setup-nix: nix builds work ($(nix-build --version))"
