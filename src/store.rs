@@ -7,6 +7,8 @@
 //! blobs/<alg>/<hex>                                   blob and manifest bytes
 //! repos/<host>/<repo>/_manifests/revisions/<alg>/<hex> media type of a manifest the repo holds
 //! repos/<host>/<repo>/_manifests/tags/<tag>           JSON TagRecord
+//! records/<kind>/<hex>                                 small JSON records keyed by a digest
+//! gcroots/                                            Nix GC roots of cached Nix images
 //! tmp/<pid>.<n>                                       files being written
 //! ```
 //!
@@ -71,6 +73,24 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Sto
     }
 }
 
+/// Kinds of small records the store keeps besides blobs and tags.
+#[derive(Clone, Copy, Debug)]
+pub enum RecordKind {
+    /// A built layer, keyed by the hash of its store paths and settings.
+    Layer,
+    /// A built Nix image, keyed by the hash of its request.
+    NixImage,
+}
+
+impl RecordKind {
+    fn dir(self) -> &'static str {
+        match self {
+            RecordKind::Layer => "layers",
+            RecordKind::NixImage => "nix-images",
+        }
+    }
+}
+
 /// One manifest a tag can resolve to. A tag may carry several variants of the
 /// same image (say OCI and Docker v2 forms) for Accept negotiation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,7 +116,7 @@ impl Store {
     /// Opens (creating if needed) the store at `root` and removes temp files
     /// left behind by writers that no longer run.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        for dir in ["blobs", "repos", "tmp"] {
+        for dir in ["blobs", "repos", "records", "gcroots", "tmp"] {
             let p = root.join(dir);
             fs::create_dir_all(&p).map_err(io_err("create", &p))?;
         }
@@ -199,6 +219,44 @@ impl Store {
             .read_to_end(&mut buf)
             .map_err(io_err("read", &path))?;
         Ok(Some(Bytes::from(buf)))
+    }
+
+    /// Where Nix GC roots for cached Nix images live.
+    pub fn gcroots_dir(&self) -> PathBuf {
+        self.root.join("gcroots")
+    }
+
+    fn record_path(&self, kind: RecordKind, key: &Digest) -> PathBuf {
+        self.root.join("records").join(kind.dir()).join(key.hex())
+    }
+
+    /// A small JSON record, or `None` when there is none (or it is unreadable
+    /// as `T`, which callers treat as a miss and overwrite).
+    pub fn record<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: RecordKind,
+        key: &Digest,
+    ) -> Result<Option<T>, StoreError> {
+        let path = self.record_path(kind, key);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("read", &path)(e)),
+        }
+    }
+
+    pub fn put_record<T: Serialize>(
+        &self,
+        kind: RecordKind,
+        key: &Digest,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        let path = self.record_path(kind, key);
+        let json = serde_json::to_vec(value).map_err(|source| StoreError::CorruptRecord {
+            path: path.clone(),
+            source,
+        })?;
+        self.write_atomic(&path, &json)
     }
 
     /// A new temp file for writing a blob whose digest is checked on commit.
@@ -446,6 +504,38 @@ impl BlobWriter<'_> {
     }
 }
 
+impl BlobWriter<'_> {
+    /// For bytes the daemon produced itself (built layers, configs): the
+    /// digest is whatever was written, so there is nothing to check it
+    /// against. Returns the digest, the size and the blob ready to commit.
+    pub fn finish_computed(mut self) -> Result<(Digest, u64, StagedBlob), StoreError> {
+        let algorithm = self.hasher.algorithm();
+        let digest = std::mem::replace(&mut self.hasher, Hasher::new(algorithm)).finish();
+        // From here the StagedBlob owns the temp file (and removes it on error).
+        let staged = StagedBlob {
+            from: std::mem::take(&mut self.path),
+            to: self.store.blob_path(&digest),
+        };
+        self.file
+            .sync_all()
+            .map_err(io_err("fsync", &staged.from))?;
+        Ok((digest, self.len, staged))
+    }
+}
+
+impl io::Write for BlobWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.hasher.update(buf);
+        self.len += buf.len() as u64;
+        self.file.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 impl Drop for BlobWriter<'_> {
     fn drop(&mut self) {
         // Unfinished: the bytes are not verified, so they must not stay.
@@ -501,6 +591,37 @@ mod tests {
         let n = blob.read_at(data.len() as u64 - 3, &mut big).expect("read");
         assert_eq!(n, 3, "short only at the end");
         assert_eq!(count_files(&dir.path().join("tmp")), 0);
+    }
+
+    #[test]
+    fn built_blobs_are_stored_under_their_computed_digest() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let mut w = store
+            .blob_writer(crate::digest::Algorithm::Sha256)
+            .expect("writer");
+        w.write_all(b"built ").expect("write");
+        w.write_all(b"layer").expect("write");
+        let (digest, len, staged) = w.finish_computed().expect("finish");
+        assert_eq!(digest, Digest::sha256_of(b"built layer"));
+        assert_eq!(len, 11);
+        assert!(!store.has_blob(&digest), "not visible before commit");
+        staged.commit().expect("commit");
+        assert!(store.has_blob(&digest));
+
+        let key = Digest::sha256_of(b"key");
+        assert_eq!(
+            store.record::<u32>(RecordKind::Layer, &key).expect("read"),
+            None
+        );
+        store
+            .put_record(RecordKind::Layer, &key, &7u32)
+            .expect("put");
+        assert_eq!(
+            store.record::<u32>(RecordKind::Layer, &key).expect("read"),
+            Some(7)
+        );
     }
 
     #[test]
