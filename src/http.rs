@@ -35,13 +35,15 @@ use crate::store::BlobFile;
 pub type Body = UnsyncBoxBody<Bytes, io::Error>;
 
 /// Blobs are read and sent in chunks this large: big enough that per-chunk
-/// overhead vanishes (4 KiB chunks run at a twentieth of the speed), small
-/// enough that many concurrent clients stay within a few MiB each.
+/// overhead vanishes (4 KiB chunks run at a twentieth of the speed).
 const CHUNK: usize = 1 << 20;
 
-/// Idle chunk buffers kept for reuse (see [`crate::chunks`]): enough for 16
-/// clients streaming at full speed.
-const POOLED_CHUNKS: usize = 24;
+/// At most this many large chunks exist (see [`crate::chunks`]): two per
+/// stream (one being sent, one read ahead) for 16 clients at full speed.
+const LARGE_CHUNKS: usize = 32;
+
+/// What streams get once every large chunk is in use.
+const SMALL_CHUNK: usize = 64 << 10;
 
 /// Request heads larger than this are refused with 431 by hyper.
 const MAX_HEAD: usize = 64 << 10;
@@ -70,7 +72,7 @@ pub async fn serve(
 ) {
     let app = Arc::new(App {
         registry,
-        chunks: ChunkPool::new(CHUNK, POOLED_CHUNKS),
+        chunks: ChunkPool::new(CHUNK, LARGE_CHUNKS, SMALL_CHUNK),
     });
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(options.max_connections.max(1)));
@@ -500,10 +502,10 @@ fn blob_stream(pool: Arc<ChunkPool>, file: Arc<BlobFile>, start: u64, end: u64) 
         if offset >= end {
             return None;
         }
-        let len = (end - offset).min(pool.chunk_size() as u64) as usize;
         let (pool, file) = (Arc::clone(pool), Arc::clone(file));
         Some(tokio::task::spawn_blocking(move || {
             let mut chunk = pool.take();
+            let len = (end - offset).min(chunk.buffer().len() as u64) as usize;
             let n = file.read_at(offset, &mut chunk.buffer()[..len])?;
             if n < len {
                 // The file shrank under us; sending less than Content-Length
