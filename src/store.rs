@@ -595,7 +595,6 @@ mod tests {
 
     #[test]
     fn built_blobs_are_stored_under_their_computed_digest() {
-        use std::io::Write as _;
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
         let mut w = store
