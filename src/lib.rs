@@ -10,4 +10,6 @@ pub mod import;
 pub mod manifest;
 pub mod reference;
 pub mod registry;
+pub mod setup;
 pub mod store;
+pub mod systemd;

@@ -13,7 +13,9 @@ use nixery_local::config::{ConfigError, Options, Settings};
 use nixery_local::http::{self, ServerOptions};
 use nixery_local::reference::ImageRef;
 use nixery_local::registry::Registry;
+use nixery_local::setup::SetupCommand;
 use nixery_local::store::Store;
+use nixery_local::systemd;
 
 /// sysexits' EX_USAGE: the command line or config file is wrong.
 const EXIT_USAGE: u8 = 64;
@@ -53,6 +55,11 @@ enum Command {
         /// The image it becomes, e.g. docker.io/library/alpine:3.20.
         reference: String,
     },
+    /// Point a container client at the daemon by writing its mirror config.
+    Setup {
+        #[command(subcommand)]
+        client: SetupCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -90,6 +97,13 @@ fn main() -> ExitCode {
                 Err(e) => return usage_error(&e.to_string()),
             };
             import(&settings, &layout, &reference)
+        }
+        Command::Setup { client } => {
+            let common = client.common();
+            match settings(common.config.clone(), common.options.clone()) {
+                Ok(s) => setup(&client, &s),
+                Err(e) => return usage_error(&e.to_string()),
+            }
         }
     };
     match result {
@@ -144,7 +158,18 @@ fn import(
     Ok(())
 }
 
+fn setup(client: &SetupCommand, settings: &Settings) -> anyhow::Result<()> {
+    nixery_local::setup::run(client, settings, &mut std::io::stdout().lock())?;
+    Ok(())
+}
+
 fn serve(settings: Settings) -> anyhow::Result<()> {
+    // systemd: before the runtime starts threads, as both unset variables.
+    let inherited = systemd::listen_fds().context("taking the socket systemd passed")?;
+    let notifier = systemd::Notifier::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "not sending notifications to systemd");
+        systemd::Notifier::disabled()
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -152,9 +177,19 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let store = Arc::new(open_store(&settings)?);
         let registry = Arc::new(Registry::new(store, settings.default_registry.clone()));
-        let listener = tokio::net::TcpListener::bind(settings.listen)
-            .await
-            .with_context(|| format!("listening on {}", settings.listen))?;
+        let listener = match inherited {
+            Some(listener) => {
+                tracing::info!("using the socket systemd passed; --listen is ignored");
+                listener
+                    .set_nonblocking(true)
+                    .context("setting up the socket systemd passed")?;
+                tokio::net::TcpListener::from_std(listener)
+                    .context("setting up the socket systemd passed")?
+            }
+            None => tokio::net::TcpListener::bind(settings.listen)
+                .await
+                .with_context(|| format!("listening on {}", settings.listen))?,
+        };
         let addr = listener.local_addr().context("reading the bound address")?;
         tracing::info!(state_dir = %settings.state_dir.display(), default_registry = %settings.default_registry, "serving");
         // Tests and scripts wait for this exact line.
@@ -166,7 +201,17 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
             header_timeout: settings.header_timeout,
             max_connections: settings.max_connections,
         };
-        http::serve(listener, registry, options, shutdown_signal()).await;
+        if let Err(e) = notifier.ready() {
+            tracing::warn!(error = %e, "cannot tell systemd the daemon is ready");
+        }
+        let _watchdog = notifier.spawn_watchdog();
+        let shutdown = async move {
+            shutdown_signal().await;
+            if let Err(e) = notifier.stopping() {
+                tracing::warn!(error = %e, "cannot tell systemd the daemon is stopping");
+            }
+        };
+        http::serve(listener, registry, options, shutdown).await;
         Ok(())
     })
 }

@@ -16,6 +16,7 @@ packages=(
     docker-registry      # CNCF distribution, an upstream registry
     nix-bin              # builds the tests' package set for Nix images
     busybox-static       # the one binary in the test images and package set
+    systemd              # systemd-analyze verifies the units
     curl jq ca-certificates
 )
 missing=()

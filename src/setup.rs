@@ -1,0 +1,856 @@
+//! `nixery-local setup CLIENT`: points a container client at the daemon by
+//! writing its mirror configuration. This module owns what is written where
+//! (containerd's and Docker's `certs.d/<host>/hosts.toml`, Docker's
+//! `daemon.json`, podman's `registries.conf.d` drop-in, k3s'
+//! `registries.yaml`) and the rules for touching a user's files:
+//!
+//! - a file whose content would not change is left alone (setup is
+//!   idempotent);
+//! - a file setup wrote (it starts with [`MARKER`]) is replaced;
+//! - any other file is refused, unless `--force`, which backs it up to
+//!   `FILE.bak-<UTC timestamp>` first. `daemon.json` is the exception: it is
+//!   merged (other keys kept), after a backup;
+//! - the whole plan is checked before the first write, so a refusal changes
+//!   nothing; `--dry-run` prints the plan and changes nothing either.
+
+use std::fmt::Write as _;
+use std::io::{self, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::config::{Options, Settings};
+use crate::reference::{RegistryHost, DOCKER_HUB};
+
+/// First line of every file setup owns; a file without it is the user's.
+pub const MARKER: &str = "# Managed by nixery-local setup";
+
+/// The registry host whose every repository is a Nix image; it exists only
+/// in the daemon, so it has no upstream.
+pub const NIX_REGISTRY: &str = "nix.local";
+
+/// The repository namespace for Nix images on clients that cannot send
+/// containerd's `ns` (podman): `127.0.0.1:7733/nix/hello`.
+pub const NIX_NAMESPACE: &str = "nix";
+
+/// Registries mirrored when no `--registry` is given.
+pub const DEFAULT_REGISTRIES: [&str; 4] = ["docker.io", "ghcr.io", "quay.io", "registry.k8s.io"];
+
+/// containerd's directory for hosts that have none of their own.
+const DEFAULT_HOST_DIR: &str = "_default";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("writing to stdout: {0}")]
+    Output(#[source] io::Error),
+    #[error("refusing to overwrite {} that nixery-local did not write: {}; move {} away, or rerun with --force to back {} up and replace {}",
+        if paths.len() == 1 { "a file" } else { "files" },
+        paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+        if paths.len() == 1 { "it" } else { "them" },
+        if paths.len() == 1 { "it" } else { "them" },
+        if paths.len() == 1 { "it" } else { "them" })]
+    Foreign { paths: Vec<PathBuf> },
+    #[error("{path} is not a JSON object ({message}); fix or move it, then rerun")]
+    Json { path: PathBuf, message: String },
+    #[error("{path}: \"registry-mirrors\" is not a list of strings; fix it, then rerun")]
+    MirrorsShape { path: PathBuf },
+    #[error("Docker's registry-mirrors only mirror docker.io, but the daemon serves {0} to clients that send no registry; set default-registry = \"docker.io\" or skip `setup docker`")]
+    DockerDefaultRegistry(RegistryHost),
+}
+
+/// Options every client shares: where the daemon is, and how to write.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Common {
+    /// The daemon's TOML config file, for its `listen` address (same file as
+    /// `serve --config`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub options: Options,
+    /// Print what would be written and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Replace files nixery-local did not write, after backing each up to
+    /// FILE.bak-<timestamp>.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Which registries get a `hosts.toml`.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Registries {
+    /// A registry to mirror (repeatable) [default: docker.io, ghcr.io,
+    /// quay.io, registry.k8s.io]. nix.local is always included.
+    #[arg(long = "registry", value_name = "HOST", conflicts_with = "all")]
+    pub registries: Vec<RegistryHost>,
+    /// Mirror every registry: one `_default` entry instead of one per host.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct ContainerdArgs {
+    /// containerd's hosts directory (the CRI plugin's `config_path`, ctr's
+    /// `--hosts-dir`).
+    #[arg(long, value_name = "DIR", default_value = "/etc/containerd/certs.d")]
+    pub hosts_dir: PathBuf,
+    #[command(flatten)]
+    pub registries: Registries,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct DockerArgs {
+    /// Docker's daemon config, where `registry-mirrors` goes.
+    #[arg(long, value_name = "FILE", default_value = "/etc/docker/daemon.json")]
+    pub daemon_json: PathBuf,
+    /// Where Docker with the containerd image store reads `hosts.toml`.
+    #[arg(long, value_name = "DIR", default_value = "/etc/docker/certs.d")]
+    pub certs_dir: PathBuf,
+    #[command(flatten)]
+    pub registries: Registries,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct PodmanArgs {
+    /// The drop-in written for podman, buildah, skopeo and CRI-O.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/etc/containers/registries.conf.d/nixery-local.conf"
+    )]
+    pub conf: PathBuf,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct K3sArgs {
+    /// k3s' (and RKE2's) registry configuration.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/etc/rancher/k3s/registries.yaml"
+    )]
+    pub registries_yaml: PathBuf,
+    #[command(flatten)]
+    pub registries: Registries,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum SetupCommand {
+    /// containerd (ctr, nerdctl, Kubernetes through CRI): `hosts.toml` mirror
+    /// entries that keep each upstream as the fallback.
+    Containerd(ContainerdArgs),
+    /// Docker: `registry-mirrors` in daemon.json (docker.io only) and
+    /// `hosts.toml` for the containerd image store.
+    Docker(DockerArgs),
+    /// podman, buildah, skopeo, CRI-O: a registries.conf.d drop-in.
+    Podman(PodmanArgs),
+    /// k3s and RKE2: registries.yaml.
+    K3s(K3sArgs),
+}
+
+impl SetupCommand {
+    pub fn common(&self) -> &Common {
+        match self {
+            SetupCommand::Containerd(a) => &a.common,
+            SetupCommand::Docker(a) => &a.common,
+            SetupCommand::Podman(a) => &a.common,
+            SetupCommand::K3s(a) => &a.common,
+        }
+    }
+}
+
+/// Plans the client's files from the daemon's `settings`, applies the plan
+/// (or prints it, with `--dry-run`) and tells on `out` what to restart.
+pub fn run(
+    command: &SetupCommand,
+    settings: &Settings,
+    out: &mut dyn Write,
+) -> Result<(), SetupError> {
+    let url = mirror_url(settings.listen);
+    let (files, next) = match command {
+        SetupCommand::Containerd(a) => (
+            hosts_files(&a.hosts_dir, &a.registries, &url),
+            containerd_next(&a.hosts_dir),
+        ),
+        SetupCommand::Docker(a) => {
+            if settings.default_registry.as_str() != DOCKER_HUB {
+                return Err(SetupError::DockerDefaultRegistry(
+                    settings.default_registry.clone(),
+                ));
+            }
+            let mut files = vec![docker_daemon_json(&a.daemon_json, &url)?];
+            files.extend(hosts_files(&a.certs_dir, &a.registries, &url));
+            (files, docker_next(settings.listen))
+        }
+        SetupCommand::Podman(a) => (
+            vec![PlannedFile::owned(
+                &a.conf,
+                podman_conf(settings.listen, &settings.default_registry),
+            )],
+            podman_next(settings.listen),
+        ),
+        SetupCommand::K3s(a) => (
+            vec![PlannedFile::owned(
+                &a.registries_yaml,
+                k3s_registries_yaml(&hosts(&a.registries), &url),
+            )],
+            k3s_next(),
+        ),
+    };
+    let common = command.common();
+    let changed = apply(&files, common.dry_run, common.force, out)?;
+    let say = |out: &mut dyn Write, text: &str| out.write_all(text.as_bytes());
+    let result = if common.dry_run {
+        say(out, "dry run: nothing was written\n")
+    } else if changed {
+        say(out, &next)
+    } else {
+        say(out, "nothing to change\n")
+    };
+    result.map_err(SetupError::Output)
+}
+
+/// `http://ADDR` of the daemon; an unspecified listen address (0.0.0.0,
+/// [::]) is reached on loopback.
+pub fn mirror_url(listen: SocketAddr) -> String {
+    format!("http://{}", client_address(listen))
+}
+
+fn client_address(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
+}
+
+/// The hosts to configure: nix.local first, then the chosen registries (or
+/// the defaults), without repeats.
+fn hosts(registries: &Registries) -> Vec<String> {
+    let chosen: Vec<String> = if registries.all {
+        vec![DEFAULT_HOST_DIR.to_owned()]
+    } else if registries.registries.is_empty() {
+        DEFAULT_REGISTRIES.iter().map(|s| (*s).to_owned()).collect()
+    } else {
+        registries
+            .registries
+            .iter()
+            .map(|r| r.as_str().to_owned())
+            .collect()
+    };
+    let mut hosts = vec![NIX_REGISTRY.to_owned()];
+    for host in chosen {
+        if !hosts.contains(&host) {
+            hosts.push(host);
+        }
+    }
+    hosts
+}
+
+/// Where a registry really is: Docker Hub's API is not at docker.io.
+fn upstream(host: &str) -> String {
+    match host {
+        DOCKER_HUB => "https://registry-1.docker.io".to_owned(),
+        other => format!("https://{other}"),
+    }
+}
+
+/// `hosts.toml` for `host`: the daemon as a pull/resolve mirror, the real
+/// registry as `server`, which containerd falls back to when the daemon
+/// answers 404 or cannot be reached.
+pub fn hosts_toml(host: &str, mirror_url: &str) -> String {
+    let mut s = format!(
+        "{MARKER} ({host}); rerunning setup rewrites this file.\n\
+         # Delete the line above to keep your own edits: setup then leaves the file alone.\n"
+    );
+    match host {
+        NIX_REGISTRY => {
+            s.push_str("# nix.local exists only in nixery-local: no upstream to fall back to.\n")
+        }
+        // containerd's default for the server is https://<host>, which for
+        // `_default` is each image's own registry.
+        DEFAULT_HOST_DIR => s.push_str(
+            "# Every registry without a directory of its own; each falls back to itself.\n",
+        ),
+        _ => {
+            let _ = writeln!(s, "server = \"{}\"", upstream(host));
+        }
+    }
+    let _ = write!(
+        s,
+        "\n[host.\"{mirror_url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+    );
+    s
+}
+
+fn hosts_files(dir: &Path, registries: &Registries, url: &str) -> Vec<PlannedFile> {
+    hosts(registries)
+        .iter()
+        .map(|host| PlannedFile::owned(&dir.join(host).join("hosts.toml"), hosts_toml(host, url)))
+        .collect()
+}
+
+fn containerd_next(dir: &Path) -> String {
+    let dir = dir.display();
+    format!(
+        "containerd reads these files on every pull; nothing needs a restart.\n\
+         - ctr: pass --hosts-dir {dir}, e.g. ctr images pull --hosts-dir {dir} nix.local/hello:latest\n\
+         - Kubernetes (the CRI plugin): /etc/containerd/config.toml needs\n    \
+             [plugins.\"io.containerd.grpc.v1.cri\".registry]\n      config_path = \"{dir}\"\n  \
+           (containerd 2: [plugins.\"io.containerd.cri.v1.images\".registry]); if you add it: sudo systemctl restart containerd\n"
+    )
+}
+
+/// daemon.json with our URL first in `registry-mirrors` and every other key
+/// kept. The file has no room for a marker, so it is always merged into.
+fn docker_daemon_json(path: &Path, url: &str) -> Result<PlannedFile, SetupError> {
+    let existing = read_existing(path)?;
+    let mut doc = match &existing {
+        None => serde_json::Map::new(),
+        Some(bytes) => match serde_json::from_slice::<serde_json::Value>(bytes) {
+            Ok(serde_json::Value::Object(map)) => map,
+            Ok(_) => {
+                return Err(SetupError::Json {
+                    path: path.to_owned(),
+                    message: "the top level is not an object".into(),
+                })
+            }
+            Err(e) => {
+                return Err(SetupError::Json {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                })
+            }
+        },
+    };
+    let mirrors = doc
+        .entry("registry-mirrors")
+        .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+    let serde_json::Value::Array(list) = mirrors else {
+        return Err(SetupError::MirrorsShape {
+            path: path.to_owned(),
+        });
+    };
+    let mut present = false;
+    for entry in list.iter() {
+        let Some(s) = entry.as_str() else {
+            return Err(SetupError::MirrorsShape {
+                path: path.to_owned(),
+            });
+        };
+        present |= s.trim_end_matches('/') == url;
+    }
+    if present {
+        // Unchanged, byte for byte, however it was formatted.
+        if let Some(bytes) = existing {
+            return Ok(PlannedFile::merged(path, bytes));
+        }
+    }
+    list.insert(0, serde_json::Value::String(url.to_owned()));
+    let mut text = serde_json::to_string_pretty(&serde_json::Value::Object(doc)).map_err(|e| {
+        SetupError::Json {
+            path: path.to_owned(),
+            message: e.to_string(),
+        }
+    })?;
+    text.push('\n');
+    Ok(PlannedFile::merged(path, text.into_bytes()))
+}
+
+fn docker_next(listen: SocketAddr) -> String {
+    let addr = client_address(listen);
+    format!(
+        "Restart Docker to load daemon.json: sudo systemctl restart docker\n\
+         registry-mirrors covers docker.io only; pull Nix images by address: docker pull {addr}/{NIX_NAMESPACE}/hello\n"
+    )
+}
+
+/// A registries.conf (v2) drop-in. Podman sends no `ns`, so only the
+/// registry the daemon serves by default can be mirrored, plus Nix images
+/// under their namespace.
+pub fn podman_conf(listen: SocketAddr, default_registry: &RegistryHost) -> String {
+    let addr = client_address(listen);
+    format!(
+        "{MARKER} (podman); rerunning setup rewrites this file.\n\
+         # Delete the line above to keep your own edits: setup then leaves the file alone.\n\
+         \n\
+         [[registry]]\n\
+         prefix = \"{default_registry}\"\n\
+         location = \"{default_registry}\"\n\
+         \n\
+         [[registry.mirror]]\n\
+         location = \"{addr}\"\n\
+         insecure = true\n\
+         \n\
+         [[registry]]\n\
+         prefix = \"{NIX_REGISTRY}\"\n\
+         location = \"{addr}/{NIX_NAMESPACE}\"\n\
+         insecure = true\n"
+    )
+}
+
+fn podman_next(listen: SocketAddr) -> String {
+    let addr = client_address(listen);
+    format!(
+        "podman reads registries.conf.d on every command; nothing needs a restart (CRI-O: sudo systemctl reload crio).\n\
+         Nix images: podman pull {NIX_REGISTRY}/hello (or {addr}/{NIX_NAMESPACE}/hello)\n"
+    )
+}
+
+/// registries.yaml: the daemon as the first endpoint of each registry; k3s
+/// keeps the registry itself as the fallback.
+pub fn k3s_registries_yaml(hosts: &[String], mirror_url: &str) -> String {
+    let mut s = format!(
+        "{MARKER} (k3s); rerunning setup rewrites this file.\n\
+         # Delete the line above to keep your own edits: setup then leaves the file alone.\n\
+         mirrors:\n"
+    );
+    for host in hosts {
+        // k3s spells containerd's `_default` as "*".
+        let key = if host == DEFAULT_HOST_DIR { "*" } else { host };
+        let _ = write!(s, "  \"{key}\":\n    endpoint:\n      - \"{mirror_url}\"\n");
+    }
+    s
+}
+
+fn k3s_next() -> String {
+    "Restart k3s to load registries.yaml: sudo systemctl restart k3s (agents: k3s-agent; RKE2: rke2-server or rke2-agent, which read /etc/rancher/rke2/registries.yaml)\n".to_owned()
+}
+
+// ---------------------------------------------------------------------------
+// Applying a plan
+// ---------------------------------------------------------------------------
+
+/// How a file may be changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ownership {
+    /// Whole file, ours when it starts with [`MARKER`].
+    Owned,
+    /// Merged into whatever is there; backed up before each change.
+    Merged,
+}
+
+#[derive(Clone, Debug)]
+pub struct PlannedFile {
+    path: PathBuf,
+    content: Vec<u8>,
+    ownership: Ownership,
+}
+
+impl PlannedFile {
+    fn owned(path: &Path, content: String) -> PlannedFile {
+        PlannedFile {
+            path: path.to_owned(),
+            content: content.into_bytes(),
+            ownership: Ownership::Owned,
+        }
+    }
+
+    fn merged(path: &Path, content: Vec<u8>) -> PlannedFile {
+        PlannedFile {
+            path: path.to_owned(),
+            content,
+            ownership: Ownership::Merged,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    Create,
+    Unchanged,
+    Replace,
+    BackUpAndReplace,
+}
+
+fn read_existing(path: &Path) -> Result<Option<Vec<u8>>, SetupError> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(SetupError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Checks every file, then writes (or, dry, prints) the plan. Returns
+/// whether anything changed or would change.
+fn apply(
+    files: &[PlannedFile],
+    dry_run: bool,
+    force: bool,
+    out: &mut dyn Write,
+) -> Result<bool, SetupError> {
+    let mut actions = Vec::with_capacity(files.len());
+    let mut foreign = Vec::new();
+    for file in files {
+        let action = match read_existing(&file.path)? {
+            None => Action::Create,
+            Some(bytes) if bytes == file.content => Action::Unchanged,
+            Some(_) if file.ownership == Ownership::Merged => Action::BackUpAndReplace,
+            Some(bytes) if bytes.starts_with(MARKER.as_bytes()) => Action::Replace,
+            Some(_) if force => Action::BackUpAndReplace,
+            Some(_) => {
+                foreign.push(file.path.clone());
+                Action::Unchanged
+            }
+        };
+        actions.push(action);
+    }
+    if !foreign.is_empty() {
+        return Err(SetupError::Foreign { paths: foreign });
+    }
+    let stamp = timestamp(SystemTime::now());
+    let mut changed = false;
+    for (file, action) in files.iter().zip(actions) {
+        let path = file.path.display();
+        if action == Action::Unchanged {
+            writeln!(out, "unchanged {path}").map_err(SetupError::Output)?;
+            continue;
+        }
+        changed = true;
+        let verb = match action {
+            Action::Create => "create",
+            _ => "replace",
+        };
+        if dry_run {
+            let note = if action == Action::BackUpAndReplace {
+                " (after backing it up)"
+            } else {
+                ""
+            };
+            writeln!(out, "would {verb} {path}{note}:").map_err(SetupError::Output)?;
+            out.write_all(&file.content).map_err(SetupError::Output)?;
+            if !file.content.ends_with(b"\n") {
+                out.write_all(b"\n").map_err(SetupError::Output)?;
+            }
+            continue;
+        }
+        let backup = if action == Action::BackUpAndReplace {
+            Some(back_up(&file.path, &stamp)?)
+        } else {
+            None
+        };
+        write_atomically(&file.path, &file.content)?;
+        match backup {
+            Some(b) => writeln!(out, "replaced {path} (the old file is {})", b.display()),
+            None => writeln!(out, "{verb}d {path}"),
+        }
+        .map_err(SetupError::Output)?;
+    }
+    Ok(changed)
+}
+
+/// Copies `path` to `path.bak-STAMP` (or `…-2`, `-3`, … if taken),
+/// permissions included; the original stays until it is replaced.
+fn back_up(path: &Path, stamp: &str) -> Result<PathBuf, SetupError> {
+    let io_error = |path: &Path| {
+        let path = path.to_owned();
+        move |source| SetupError::Io { path, source }
+    };
+    let base = format!("{}.bak-{stamp}", path.display());
+    for n in 1.. {
+        let candidate = PathBuf::from(if n == 1 {
+            base.clone()
+        } else {
+            format!("{base}-{n}")
+        });
+        // create_new: never overwrite an earlier backup.
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&candidate)
+        {
+            Ok(_) => {
+                std::fs::copy(path, &candidate).map_err(io_error(&candidate))?;
+                return Ok(candidate);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io_error(&candidate)(e)),
+        }
+    }
+    unreachable!("1.. is unbounded")
+}
+
+/// Writes through a temporary file and a rename, so a client never reads
+/// half a file; keeps an existing file's permissions, else 0644.
+fn write_atomically(path: &Path, content: &[u8]) -> Result<(), SetupError> {
+    let io_error = |source| SetupError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).map_err(io_error)?;
+    let mode = match std::fs::metadata(path) {
+        Ok(m) => m.permissions().mode() & 0o7777,
+        Err(_) => 0o644,
+    };
+    let name = path
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(".{name}.nixery-local-{}", std::process::id()));
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        file.write_all(content)?;
+        // The mode passed to open is masked by the umask.
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(io_error)
+}
+
+/// `YYYYMMDDTHHMMSSZ` in UTC.
+fn timestamp(now: SystemTime) -> String {
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's
+/// algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn listen() -> SocketAddr {
+        "127.0.0.1:7733".parse().expect("addr")
+    }
+
+    #[test]
+    fn the_mirror_is_reached_on_loopback() {
+        assert_eq!(mirror_url(listen()), "http://127.0.0.1:7733");
+        assert_eq!(
+            mirror_url("0.0.0.0:9000".parse().expect("addr")),
+            "http://127.0.0.1:9000"
+        );
+        assert_eq!(
+            mirror_url("[::]:9000".parse().expect("addr")),
+            "http://[::1]:9000"
+        );
+    }
+
+    #[test]
+    fn hosts_toml_keeps_the_upstream_as_fallback() {
+        let url = mirror_url(listen());
+        let docker = hosts_toml("docker.io", &url);
+        assert!(docker.starts_with(MARKER));
+        assert!(docker.contains("\nserver = \"https://registry-1.docker.io\"\n"));
+        assert!(docker.contains(
+            "\n[host.\"http://127.0.0.1:7733\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+        ));
+        assert!(hosts_toml("ghcr.io", &url).contains("\nserver = \"https://ghcr.io\"\n"));
+        for host in [NIX_REGISTRY, DEFAULT_HOST_DIR] {
+            let s = hosts_toml(host, &url);
+            assert!(!s.contains("server ="), "{s}");
+            let parsed: toml::Value = toml::from_str(&s).expect("valid TOML");
+            assert!(parsed["host"]["http://127.0.0.1:7733"].is_table());
+        }
+        let parsed: toml::Value = toml::from_str(&docker).expect("valid TOML");
+        assert_eq!(
+            parsed["host"]["http://127.0.0.1:7733"]["capabilities"],
+            toml::Value::Array(vec!["pull".into(), "resolve".into()])
+        );
+    }
+
+    #[test]
+    fn hosts_are_nix_then_the_chosen_registries() {
+        let defaults = hosts(&Registries::default());
+        assert_eq!(
+            defaults,
+            [
+                "nix.local",
+                "docker.io",
+                "ghcr.io",
+                "quay.io",
+                "registry.k8s.io"
+            ]
+        );
+        let chosen = Registries {
+            registries: vec![
+                "ghcr.io".parse().expect("host"),
+                "nix.local".parse().expect("host"),
+                "ghcr.io".parse().expect("host"),
+            ],
+            all: false,
+        };
+        assert_eq!(hosts(&chosen), ["nix.local", "ghcr.io"]);
+        let all = Registries {
+            registries: vec![],
+            all: true,
+        };
+        assert_eq!(hosts(&all), ["nix.local", "_default"]);
+    }
+
+    #[test]
+    fn plans_are_all_or_nothing_and_idempotent() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let ours = dir.path().join("a/hosts.toml");
+        let theirs = dir.path().join("b/hosts.toml");
+        std::fs::create_dir_all(theirs.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&theirs, "server = \"https://mine\"\n").expect("write");
+        let plan = [
+            PlannedFile::owned(&ours, format!("{MARKER}\nx = 1\n")),
+            PlannedFile::owned(&theirs, format!("{MARKER}\nx = 2\n")),
+        ];
+        let mut out = Vec::new();
+        let e = apply(&plan, false, false, &mut out).expect_err("refused");
+        assert!(
+            matches!(&e, SetupError::Foreign { paths } if paths == std::slice::from_ref(&theirs))
+        );
+        assert!(e.to_string().contains("--force"), "{e}");
+        assert!(!ours.exists(), "a refusal writes nothing");
+
+        // Dry run: prints, writes nothing.
+        let mut out = Vec::new();
+        assert!(apply(&plan, true, true, &mut out).expect("dry run"));
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(text.contains("would create"), "{text}");
+        assert!(text.contains("would replace"), "{text}");
+        assert!(!ours.exists());
+
+        let mut out = Vec::new();
+        assert!(apply(&plan, false, true, &mut out).expect("forced"));
+        assert_eq!(
+            std::fs::read_to_string(&theirs).expect("read"),
+            format!("{MARKER}\nx = 2\n")
+        );
+        let backups: Vec<_> = std::fs::read_dir(theirs.parent().expect("parent"))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("hosts.toml.bak-"))
+            .collect();
+        assert_eq!(backups.len(), 1, "{backups:?}");
+        let backup = theirs.with_file_name(&backups[0]);
+        assert_eq!(
+            std::fs::read_to_string(backup).expect("read"),
+            "server = \"https://mine\"\n"
+        );
+        assert_eq!(
+            std::fs::metadata(&ours).expect("stat").permissions().mode() & 0o777,
+            0o644
+        );
+
+        // Again: nothing changes, and no force is needed (the files are ours).
+        let mut out = Vec::new();
+        assert!(!apply(&plan, false, false, &mut out).expect("idempotent"));
+        // A changed plan replaces our own file without asking.
+        let plan2 = [PlannedFile::owned(&ours, format!("{MARKER}\nx = 3\n"))];
+        assert!(apply(&plan2, false, false, &mut Vec::new()).expect("replace ours"));
+    }
+
+    #[test]
+    fn daemon_json_is_merged() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("daemon.json");
+        let url = "http://127.0.0.1:7733";
+        let fresh = docker_daemon_json(&path, url).expect("plan");
+        let v: serde_json::Value = serde_json::from_slice(&fresh.content).expect("json");
+        assert_eq!(v, serde_json::json!({"registry-mirrors": [url]}));
+
+        std::fs::write(
+            &path,
+            r#"{"log-driver": "journald", "registry-mirrors": ["https://m.example"]}"#,
+        )
+        .expect("write");
+        let merged = docker_daemon_json(&path, url).expect("plan");
+        let v: serde_json::Value = serde_json::from_slice(&merged.content).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"log-driver": "journald", "registry-mirrors": [url, "https://m.example"]})
+        );
+        std::fs::write(&path, &merged.content).expect("write");
+        let again = docker_daemon_json(&path, url).expect("plan");
+        assert_eq!(again.content, merged.content);
+
+        std::fs::write(&path, "[1]").expect("write");
+        assert!(matches!(
+            docker_daemon_json(&path, url),
+            Err(SetupError::Json { .. })
+        ));
+        std::fs::write(&path, r#"{"registry-mirrors": "x"}"#).expect("write");
+        assert!(matches!(
+            docker_daemon_json(&path, url),
+            Err(SetupError::MirrorsShape { .. })
+        ));
+    }
+
+    #[test]
+    fn podman_and_k3s_files_parse() {
+        let conf = podman_conf(listen(), &"docker.io".parse().expect("host"));
+        let v: toml::Value = toml::from_str(&conf).expect("valid TOML");
+        let regs = v["registry"].as_array().expect("registries");
+        assert_eq!(regs[0]["prefix"].as_str(), Some("docker.io"));
+        assert_eq!(
+            regs[0]["mirror"][0]["location"].as_str(),
+            Some("127.0.0.1:7733")
+        );
+        assert_eq!(regs[0]["mirror"][0]["insecure"].as_bool(), Some(true));
+        assert_eq!(regs[1]["location"].as_str(), Some("127.0.0.1:7733/nix"));
+
+        let yaml = k3s_registries_yaml(
+            &["nix.local".to_owned(), "_default".to_owned()],
+            "http://127.0.0.1:7733",
+        );
+        assert!(yaml.starts_with(MARKER));
+        assert!(
+            yaml.contains("  \"nix.local\":\n    endpoint:\n      - \"http://127.0.0.1:7733\"\n")
+        );
+        assert!(yaml.contains("  \"*\":\n"));
+    }
+
+    #[test]
+    fn timestamps_are_utc() {
+        assert_eq!(timestamp(UNIX_EPOCH), "19700101T000000Z");
+        let t = UNIX_EPOCH + Duration::from_secs(1_709_210_096); // 2024-02-29 12:34:56
+        assert_eq!(timestamp(t), "20240229T123456Z");
+    }
+}
