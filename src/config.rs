@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::builder::{NixSettings, SourceSetting};
+use crate::layers::{Compression, Popularity};
+use crate::nix::{NixConfig, PkgSource};
 use crate::reference::RegistryHost;
 
 /// Loopback only by default: the daemon serves whatever its cache holds to
@@ -15,6 +18,8 @@ pub const DEFAULT_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7733);
 pub const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 10;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Nixery's 94 + 1, well below overlayfs' and containerd's limits.
+pub const DEFAULT_LAYER_BUDGET: usize = 95;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -31,6 +36,8 @@ pub enum ConfigError {
     NoStateDir,
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+    #[error("{0}")]
+    Nix(String),
 }
 
 /// The options of `serve`, as flags and as keys of the config file (the file
@@ -63,6 +70,74 @@ pub struct Options {
     /// [default: 1024].
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+
+    /// Nix package set: a file or directory that, imported and called with
+    /// `{}`, yields an attribute set of packages (a nixpkgs checkout, say)
+    /// [default: <nixpkgs> from NIX_PATH].
+    #[arg(long, value_name = "PATH", help_heading = "Nix images")]
+    pub pkgs_path: Option<PathBuf>,
+
+    /// Nix package set: a nixpkgs channel, e.g. nixos-24.05.
+    #[arg(long, value_name = "NAME", help_heading = "Nix images")]
+    pub pkgs_channel: Option<String>,
+
+    /// Nix package set: a git repository; the image tag picks the ref, a
+    /// 40-hex tag the commit, `latest` the default branch.
+    #[arg(long, value_name = "URL", help_heading = "Nix images")]
+    pub pkgs_repo: Option<String>,
+
+    /// Nix package set: a flake's legacyPackages (needs a Nix with flakes).
+    #[arg(long, value_name = "REF", help_heading = "Nix images")]
+    pub pkgs_flake: Option<String>,
+
+    /// Repositories under this first component are Nix images
+    /// (`nix/shell/git`) [default: nix].
+    #[arg(long, value_name = "NAME", help_heading = "Nix images")]
+    pub nix_namespace: Option<String>,
+
+    /// Every repository of this registry host is a Nix image (repeatable)
+    /// [default: nix.local].
+    #[arg(
+        long = "nix-registry",
+        value_name = "HOST",
+        help_heading = "Nix images"
+    )]
+    #[serde(default)]
+    pub nix_registry: Vec<String>,
+
+    /// Most layers per Nix image, the customisation layer included
+    /// [default: 95].
+    #[arg(long, value_name = "N", help_heading = "Nix images")]
+    pub layer_budget: Option<usize>,
+
+    /// Layer compression: gzip, zstd or none [default: gzip].
+    #[arg(long, value_name = "KIND", help_heading = "Nix images")]
+    pub layer_compression: Option<String>,
+
+    /// Seconds a Nix image from a floating source (path, channel, <nixpkgs>,
+    /// a branch) is served before the next pull re-evaluates it; commit-pinned
+    /// images are kept forever [default: 3600].
+    #[arg(long, value_name = "SECS", help_heading = "Nix images")]
+    pub nix_ttl: Option<u64>,
+
+    /// Seconds one Nix evaluation and build may take [default: 600].
+    #[arg(long, value_name = "SECS", help_heading = "Nix images")]
+    pub nix_timeout: Option<u64>,
+
+    /// A Nix option for every Nix call, NAME=VALUE (repeatable), e.g.
+    /// `substituters=` on a machine without network.
+    #[arg(
+        long = "nix-option",
+        value_name = "NAME=VALUE",
+        help_heading = "Nix images"
+    )]
+    #[serde(default)]
+    pub nix_option: Vec<String>,
+
+    /// Nixery-format popularity data (JSON: package name → reference count)
+    /// for grouping store paths when an image has more than the layer budget.
+    #[arg(long, value_name = "FILE", help_heading = "Nix images")]
+    pub popularity: Option<PathBuf>,
 }
 
 impl Options {
@@ -87,10 +162,23 @@ impl Options {
             default_registry: self.default_registry.or(file.default_registry),
             header_timeout: self.header_timeout.or(file.header_timeout),
             max_connections: self.max_connections.or(file.max_connections),
+            pkgs_path: self.pkgs_path.or(file.pkgs_path),
+            pkgs_channel: self.pkgs_channel.or(file.pkgs_channel),
+            pkgs_repo: self.pkgs_repo.or(file.pkgs_repo),
+            pkgs_flake: self.pkgs_flake.or(file.pkgs_flake),
+            nix_namespace: self.nix_namespace.or(file.nix_namespace),
+            nix_registry: or_vec(self.nix_registry, file.nix_registry),
+            layer_budget: self.layer_budget.or(file.layer_budget),
+            layer_compression: self.layer_compression.or(file.layer_compression),
+            nix_ttl: self.nix_ttl.or(file.nix_ttl),
+            nix_timeout: self.nix_timeout.or(file.nix_timeout),
+            nix_option: or_vec(self.nix_option, file.nix_option),
+            popularity: self.popularity.or(file.popularity),
         }
     }
 
     pub fn resolve(self) -> Result<Settings, ConfigError> {
+        let nix = self.nix_settings()?;
         let listen = self.listen.unwrap_or(DEFAULT_LISTEN);
         let state_dir = match self.state_dir {
             Some(d) => d,
@@ -115,7 +203,113 @@ impl Options {
             default_registry,
             header_timeout: Duration::from_secs(header_timeout),
             max_connections,
+            nix,
         })
+    }
+
+    fn nix_settings(&self) -> Result<NixSettings, ConfigError> {
+        let sources = [
+            self.pkgs_path.as_ref().map(|p| {
+                // Nix needs an absolute path; a relative one means the cwd.
+                let abs = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+                SourceSetting::Fixed(PkgSource::Path { path: abs })
+            }),
+            self.pkgs_channel
+                .as_ref()
+                .map(|c| SourceSetting::Fixed(PkgSource::Channel { channel: c.clone() })),
+            self.pkgs_repo
+                .as_ref()
+                .map(|u| SourceSetting::GitRepo(u.clone())),
+            self.pkgs_flake
+                .as_ref()
+                .map(|f| SourceSetting::Fixed(PkgSource::Flake { flake: f.clone() })),
+        ];
+        let mut given = sources.into_iter().flatten();
+        let source = given
+            .next()
+            .unwrap_or(SourceSetting::Fixed(PkgSource::NixPath));
+        if given.next().is_some() {
+            return Err(ConfigError::Nix(
+                "give at most one of pkgs-path, pkgs-channel, pkgs-repo, pkgs-flake".into(),
+            ));
+        }
+        if let SourceSetting::Fixed(s) = &source {
+            s.validate().map_err(|e| ConfigError::Nix(e.to_string()))?;
+        }
+        let namespace = self.nix_namespace.clone().unwrap_or_else(|| "nix".into());
+        namespace
+            .parse::<crate::reference::RepoName>()
+            .ok()
+            .filter(|n| !n.as_str().contains('/'))
+            .ok_or_else(|| {
+                ConfigError::Nix(format!(
+                    "nix-namespace {namespace:?} is not one repository name component"
+                ))
+            })?;
+        let registries = if self.nix_registry.is_empty() {
+            vec!["nix.local".parse()?]
+        } else {
+            self.nix_registry
+                .iter()
+                .map(|h| h.parse())
+                .collect::<Result<_, _>>()?
+        };
+        let layer_budget = self.layer_budget.unwrap_or(DEFAULT_LAYER_BUDGET);
+        if layer_budget < 2 {
+            return Err(ConfigError::Nix("layer-budget must be at least 2".into()));
+        }
+        let compression: Compression = self
+            .layer_compression
+            .as_deref()
+            .unwrap_or("gzip")
+            .parse()
+            .map_err(|e: crate::layers::UnknownCompression| ConfigError::Nix(e.to_string()))?;
+        let mut options = Vec::new();
+        for o in &self.nix_option {
+            let (k, v) = o
+                .split_once('=')
+                .ok_or_else(|| ConfigError::Nix(format!("nix-option {o:?} is not NAME=VALUE")))?;
+            options.push((k.to_owned(), v.to_owned()));
+        }
+        let nix_timeout = self.nix_timeout.unwrap_or(600);
+        if nix_timeout == 0 {
+            return Err(ConfigError::Zero("nix-timeout"));
+        }
+        let popularity = match &self.popularity {
+            None => Popularity::new(),
+            Some(path) => {
+                let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Popularity::from_nixery_json(&bytes).map_err(|e| ConfigError::Parse {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?
+            }
+        };
+        Ok(NixSettings {
+            namespace,
+            registries,
+            source,
+            layer_budget,
+            compression,
+            ttl: Duration::from_secs(self.nix_ttl.unwrap_or(3600)),
+            popularity,
+            nix: NixConfig {
+                timeout: Duration::from_secs(nix_timeout),
+                options,
+                ..NixConfig::default()
+            },
+        })
+    }
+}
+
+fn or_vec<T>(flags: Vec<T>, file: Vec<T>) -> Vec<T> {
+    if flags.is_empty() {
+        file
+    } else {
+        flags
     }
 }
 
@@ -126,6 +320,7 @@ pub struct Settings {
     pub default_registry: RegistryHost,
     pub header_timeout: Duration,
     pub max_connections: usize,
+    pub nix: NixSettings,
 }
 
 /// systemd tells a service its directories (`StateDirectory=`,

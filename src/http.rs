@@ -26,8 +26,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::builder::BuildError;
 use crate::chunks::ChunkPool;
 use crate::digest::Digest;
+use crate::nix::NixError;
 use crate::reference::{NameError, Reference, RegistryHost, RepoName};
 use crate::registry::{Accept, Registry, RegistryError};
 use crate::store::BlobFile;
@@ -170,6 +172,7 @@ impl From<RegistryError> for ApiError {
             RegistryError::NameUnknown(_) => {
                 ApiError::new(StatusCode::NOT_FOUND, "NAME_UNKNOWN", e.to_string())
             }
+            RegistryError::Nix(build) => ApiError::from(&*build),
             RegistryError::Store(_) | RegistryError::Task(_) => {
                 // The detail (paths, OS errors) goes to the log, not the client.
                 tracing::error!(error = %e, "request failed");
@@ -177,6 +180,38 @@ impl From<RegistryError> for ApiError {
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "UNKNOWN",
                     "internal error; see the daemon's log",
+                )
+            }
+        }
+    }
+}
+
+impl From<&BuildError> for ApiError {
+    fn from(e: &BuildError) -> ApiError {
+        match e {
+            BuildError::Name(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "NAME_INVALID", e.to_string())
+            }
+            // The client named something this host cannot provide: a miss,
+            // with the reason (every missing package, or how to configure a
+            // package source).
+            BuildError::Nix(
+                NixError::MissingPackages { .. }
+                | NixError::NoPackageSource
+                | NixError::UnsupportedSystem { .. },
+            ) => ApiError::new(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", e.to_string()),
+            // Evaluation and build failures carry the tail of Nix's log,
+            // which is what the user needs to see in `ctr pull`'s output.
+            BuildError::Nix(_) => {
+                tracing::warn!(error = %e, "Nix image build failed");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e.to_string())
+            }
+            _ => {
+                tracing::error!(error = %e, "Nix image build failed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "UNKNOWN",
+                    "building the image failed; see the daemon's log",
                 )
             }
         }

@@ -2,6 +2,7 @@
 //! calls the [`registry`] service, which reads the content-addressed
 //! [`store`]. [`import`] seeds the store from OCI layouts.
 
+pub mod builder;
 pub mod chunks;
 pub mod config;
 pub mod digest;

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use nixery_local::builder::NixImages;
 use nixery_local::config::{ConfigError, Options, Settings};
 use nixery_local::http::{self, ServerOptions};
-use nixery_local::reference::ImageRef;
+use nixery_local::reference::{ImageRef, RepoName, Tag};
 use nixery_local::registry::Registry;
 use nixery_local::setup::SetupCommand;
 use nixery_local::store::Store;
@@ -54,6 +55,18 @@ enum Command {
         layout: PathBuf,
         /// The image it becomes, e.g. docker.io/library/alpine:3.20.
         reference: String,
+    },
+    /// Build a Nix image into the cache without a server (to warm the cache
+    /// before going offline), then print its digest and layers.
+    Build {
+        /// TOML file with any of `serve`'s options; flags win over it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        options: Options,
+        /// The image: package attribute paths joined by `/`, as in a pull of
+        /// `nix.local/NAME[:TAG]`, e.g. `shell/git/htop` or `hello:latest`.
+        name: String,
     },
     /// Point a container client at the daemon by writing its mirror config.
     Setup {
@@ -98,6 +111,14 @@ fn main() -> ExitCode {
             };
             import(&settings, &layout, &reference)
         }
+        Command::Build {
+            config,
+            options,
+            name,
+        } => match settings(config, options) {
+            Ok(s) => build(&s, &name),
+            Err(e) => return usage_error(&e.to_string()),
+        },
         Command::Setup { client } => {
             let common = client.common();
             match settings(common.config.clone(), common.options.clone()) {
@@ -158,6 +179,42 @@ fn import(
     Ok(())
 }
 
+fn build(settings: &Settings, name: &str) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let (packages, tag) = match name.rsplit_once(':') {
+        Some((p, t)) => (p, t),
+        None => (name, "latest"),
+    };
+    let tag: Tag = tag.parse().context("invalid tag")?;
+    let repo: RepoName = packages
+        .parse()
+        .context("invalid image name (lowercase attribute paths joined by '/')")?;
+    let store = Arc::new(open_store(settings)?);
+    let images = NixImages::new(store, settings.nix.clone());
+    let progress = std::io::stderr().is_terminal();
+    let report = images
+        .build_now(repo.as_str(), &tag, progress)
+        .with_context(|| format!("building {name}"))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "digest {}", report.record.manifests[0].digest)?;
+    writeln!(
+        out,
+        "{:<12} {:>12}  {:<6}  store paths",
+        "layer", "bytes", "cached"
+    )?;
+    for layer in &report.layers {
+        let short = layer.digest.hex().get(..12).unwrap_or(layer.digest.hex());
+        let paths = match layer.paths.as_slice() {
+            [one] => one.clone(),
+            [first, rest @ ..] => format!("{first} (+{} more)", rest.len()),
+            [] => String::new(),
+        };
+        let cached = if layer.reused { "yes" } else { "no" };
+        writeln!(out, "{short:<12} {:>12}  {cached:<6}  {paths}", layer.size)?;
+    }
+    Ok(())
+}
+
 fn setup(client: &SetupCommand, settings: &Settings) -> anyhow::Result<()> {
     nixery_local::setup::run(client, settings, &mut std::io::stdout().lock())?;
     Ok(())
@@ -176,7 +233,9 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     runtime.block_on(async move {
         let store = Arc::new(open_store(&settings)?);
-        let registry = Arc::new(Registry::new(store, settings.default_registry.clone()));
+        let nix = Arc::new(NixImages::new(Arc::clone(&store), settings.nix.clone()));
+        let registry =
+            Arc::new(Registry::new(store, settings.default_registry.clone()).with_nix(nix));
         let listener = match inherited {
             Some(listener) => {
                 tracing::info!("using the socket systemd passed; --listen is ignored");

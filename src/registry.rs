@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::builder::{BuildError, NixImages};
 use crate::digest::Digest;
 use crate::reference::{Reference, RegistryHost, RepoName};
-use crate::store::{BlobFile, Store, StoreError};
+use crate::store::{BlobFile, Store, StoreError, TagRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -25,6 +26,8 @@ pub enum RegistryError {
     Store(#[from] StoreError),
     #[error("background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Nix(Arc<BuildError>),
 }
 
 /// The media types a client said it can read (its `Accept` header).
@@ -92,6 +95,7 @@ pub struct TagPage {
 pub struct Registry {
     store: Arc<Store>,
     default_host: RegistryHost,
+    nix: Option<Arc<NixImages>>,
 }
 
 impl Registry {
@@ -99,7 +103,14 @@ impl Registry {
         Registry {
             store,
             default_host,
+            nix: None,
         }
+    }
+
+    /// Serves Nix images (built on demand) for the repositories `nix` routes.
+    pub fn with_nix(mut self, nix: Arc<NixImages>) -> Registry {
+        self.nix = Some(nix);
+        self
     }
 
     /// The host requests without containerd's `ns` parameter are scoped to.
@@ -131,6 +142,30 @@ impl Registry {
         reference: Reference,
         accept: Accept,
     ) -> Result<Manifest, RegistryError> {
+        if let (Some(nix), Reference::Tag(tag)) = (&self.nix, &reference) {
+            if let Some(packages) = nix.route(&host, &repo) {
+                let manifests = nix
+                    .manifests(packages, tag)
+                    .await
+                    .map_err(RegistryError::Nix)?;
+                // Record the image under the name it was asked by, so the
+                // by-digest requests that follow and tags/list find it.
+                let (h, r, t) = (host.clone(), repo.clone(), tag.clone());
+                self.blocking(move |store| {
+                    for m in &manifests {
+                        if store.linked_manifest(&h, &r, &m.digest)?.is_none() {
+                            store.link_manifest(&h, &r, &m.digest, &m.media_type)?;
+                        }
+                    }
+                    let record = TagRecord { manifests };
+                    if store.tag(&h, &r, &t)?.as_ref() != Some(&record) {
+                        store.set_tag(&h, &r, &t, &record)?;
+                    }
+                    Ok(())
+                })
+                .await?;
+            }
+        }
         self.blocking(move |store| {
             let (digest, media_type) = match &reference {
                 Reference::Tag(tag) => {

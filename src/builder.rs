@@ -1,0 +1,514 @@
+//! Nix images as a source of the cache: decides which repositories are Nix
+//! images, builds them into the store (evaluation and builds by [`crate::nix`],
+//! layers by [`crate::layers`], config and manifests by [`crate::image`]),
+//! and remembers what it built.
+//!
+//! - A built image is a [`NixImageRecord`] keyed by the hash of everything
+//!   that decides its bytes (name, package source, system, compression,
+//!   budget). Within the TTL (forever for commit-pinned sources) it is served
+//!   without calling Nix, also after a restart.
+//! - A layer is keyed by its store paths and compression; one already in the
+//!   cache is never rebuilt, whichever image asks for it. An image's missing
+//!   layers are written in parallel on all cores.
+//! - Concurrent requests for one image share one build, which runs as its
+//!   own task: a client that disconnects does not cancel it.
+//! - Each image's closure is kept alive by a GC root under the state dir.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Semaphore};
+
+use crate::digest::{Algorithm, Digest};
+use crate::image::{self, ImageError, ImageLayer, ImageSpec, Platform};
+use crate::layers::{self, Compression, LayerError, LayerGroup, LayerInfo, Popularity};
+use crate::manifest::{DOCKER_MANIFEST, OCI_MANIFEST};
+use crate::nix::{ImageName, ImageNameError, Nix, NixConfig, NixError, PkgSource};
+use crate::reference::{RegistryHost, RepoName, Tag};
+use crate::store::{ManifestVariant, RecordKind, Store, StoreError};
+
+/// Bump when a change alters the bytes built for the same inputs.
+const FORMAT_VERSION: u32 = 1;
+
+/// Builds running at once; more wait. Each build already uses every core
+/// for its layers.
+const PARALLEL_BUILDS: usize = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("invalid Nix image name: {0}")]
+    Name(#[from] ImageNameError),
+    #[error(transparent)]
+    Nix(#[from] NixError),
+    #[error("writing a layer: {0}")]
+    Layer(#[from] LayerError),
+    #[error("writing the image config: {0}")]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("layer {expected} was written as {actual}")]
+    LayerDigest { expected: Digest, actual: Digest },
+    #[error("background task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("the build ended without a result (a worker panicked)")]
+    Interrupted,
+}
+
+/// Where packages come from.
+#[derive(Clone, Debug)]
+pub enum SourceSetting {
+    /// The same source whatever the tag: a path, a channel, `<nixpkgs>`, a flake.
+    Fixed(PkgSource),
+    /// A git repository whose ref or commit the tag picks.
+    GitRepo(String),
+}
+
+impl SourceSetting {
+    fn for_tag(&self, tag: &Tag) -> PkgSource {
+        match self {
+            SourceSetting::Fixed(s) => s.clone(),
+            SourceSetting::GitRepo(url) => PkgSource::git_for_tag(url, tag.as_str()),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct NixSettings {
+    /// Repositories whose first component is this are Nix images.
+    pub namespace: String,
+    /// Every repository of these registry hosts is a Nix image.
+    pub registries: Vec<RegistryHost>,
+    pub source: SourceSetting,
+    pub layer_budget: usize,
+    pub compression: Compression,
+    /// How long a floating source's image is served before re-evaluating.
+    pub ttl: Duration,
+    pub popularity: Popularity,
+    pub nix: NixConfig,
+}
+
+/// What the cache remembers of a built image.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NixImageRecord {
+    pub name: String,
+    /// Seconds since the epoch.
+    pub built_at: u64,
+    /// Commit-pinned sources never go stale.
+    pub pinned: bool,
+    /// OCI first, then Docker schema 2.
+    pub manifests: Vec<ManifestVariant>,
+    /// Layer blob digests, bottom first.
+    pub layers: Vec<Digest>,
+    pub gc_roots: Vec<PathBuf>,
+}
+
+/// One layer of a finished build, for `nixery-local build`'s table.
+#[derive(Clone, Debug)]
+pub struct BuiltLayer {
+    pub digest: Digest,
+    pub size: u64,
+    pub paths: Vec<String>,
+    pub reused: bool,
+}
+
+/// The result of a build.
+#[derive(Clone, Debug)]
+pub struct BuildReport {
+    pub record: NixImageRecord,
+    pub layers: Vec<BuiltLayer>,
+}
+
+type Outcome = Result<NixImageRecord, Arc<BuildError>>;
+
+/// A layer's description, and whether the cache already had it.
+type LayerOutcome = Result<(LayerInfo, bool), BuildError>;
+
+pub struct NixImages {
+    store: Arc<Store>,
+    nix: Nix,
+    settings: NixSettings,
+    /// Learnt from every closure built, on top of the configured data.
+    popularity: Mutex<Popularity>,
+    inflight: Mutex<HashMap<Digest, watch::Receiver<Option<Outcome>>>>,
+    builds: Semaphore,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl NixImages {
+    pub fn new(store: Arc<Store>, settings: NixSettings) -> NixImages {
+        NixImages {
+            store,
+            nix: Nix::new(settings.nix.clone()),
+            popularity: Mutex::new(settings.popularity.clone()),
+            settings,
+            inflight: Mutex::new(HashMap::new()),
+            builds: Semaphore::new(PARALLEL_BUILDS),
+        }
+    }
+
+    /// The package part of `repo` if it names a Nix image on `host`:
+    /// everything for a Nix registry host, else what follows the namespace.
+    pub fn route<'a>(&self, host: &RegistryHost, repo: &'a RepoName) -> Option<&'a str> {
+        if self.settings.registries.contains(host) {
+            return Some(repo.as_str());
+        }
+        let (first, rest) = repo.as_str().split_once('/')?;
+        (first == self.settings.namespace).then_some(rest)
+    }
+
+    /// The key of everything that decides an image's bytes.
+    fn request_key(&self, name: &ImageName, source: &PkgSource) -> Digest {
+        #[derive(Serialize)]
+        struct Key<'a> {
+            version: u32,
+            name: String,
+            source: &'a PkgSource,
+            compression: Compression,
+            budget: usize,
+            always_include: &'a [String],
+        }
+        let key = Key {
+            version: FORMAT_VERSION,
+            name: name.canonical(),
+            source,
+            compression: self.settings.compression,
+            budget: self.settings.layer_budget,
+            always_include: &self.settings.nix.always_include,
+        };
+        // Serialising a struct of strings cannot fail; an empty key would
+        // only make every image a cache miss.
+        Digest::sha256_of(&serde_json::to_vec(&key).unwrap_or_default())
+    }
+
+    fn fresh(&self, record: &NixImageRecord) -> bool {
+        let complete = record
+            .manifests
+            .iter()
+            .all(|m| self.store.has_blob(&m.digest));
+        let young = now_secs().saturating_sub(record.built_at) < self.settings.ttl.as_secs();
+        complete && (record.pinned || young)
+    }
+
+    /// The manifests of the image `packages` (the repository path below the
+    /// namespace) names, building it if the cache has no fresh copy.
+    pub async fn manifests(
+        self: &Arc<Self>,
+        packages: &str,
+        tag: &Tag,
+    ) -> Result<Vec<ManifestVariant>, Arc<BuildError>> {
+        let name = ImageName::parse(packages).map_err(|e| Arc::new(e.into()))?;
+        let source = self.settings.source.for_tag(tag);
+        let key = self.request_key(&name, &source);
+
+        let this = Arc::clone(self);
+        let k = key.clone();
+        let cached = tokio::task::spawn_blocking(move || {
+            this.store
+                .record::<NixImageRecord>(RecordKind::NixImage, &k)
+        })
+        .await
+        .map_err(|e| Arc::new(e.into()))?
+        .map_err(|e| Arc::new(e.into()))?;
+        if let Some(record) = &cached {
+            if self.fresh(record) {
+                return Ok(record.manifests.clone());
+            }
+        }
+
+        match self.shared_build(key, name, source).await {
+            Ok(record) => Ok(record.manifests),
+            Err(e) => match cached {
+                // Stale-if-error: an old image beats no image.
+                Some(old) if old.manifests.iter().all(|m| self.store.has_blob(&m.digest)) => {
+                    tracing::warn!(name = %old.name, error = %e, "rebuild failed; serving the previous build");
+                    Ok(old.manifests)
+                }
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// Joins the build of `key` in flight, or starts it as its own task.
+    async fn shared_build(
+        self: &Arc<Self>,
+        key: Digest,
+        name: ImageName,
+        source: PkgSource,
+    ) -> Outcome {
+        let mut rx = {
+            let mut inflight = self
+                .inflight
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            match inflight.get(&key) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    inflight.insert(key.clone(), rx.clone());
+                    let this = Arc::clone(self);
+                    tokio::spawn(async move {
+                        let outcome = this.build_task(&key, name, source).await;
+                        let _ = tx.send(Some(outcome));
+                        this.inflight
+                            .lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner())
+                            .remove(&key);
+                    });
+                    rx
+                }
+            }
+        };
+        // The sender is dropped without a value only if the task panicked.
+        let outcome = match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone(),
+            Err(_) => None,
+        };
+        outcome.unwrap_or_else(|| Err(Arc::new(BuildError::Interrupted)))
+    }
+
+    async fn build_task(
+        self: &Arc<Self>,
+        key: &Digest,
+        name: ImageName,
+        source: PkgSource,
+    ) -> Outcome {
+        // The semaphore is never closed, so acquiring cannot fail.
+        let _slot = self.builds.acquire().await.ok();
+        let this = Arc::clone(self);
+        let key = key.clone();
+        let result =
+            tokio::task::spawn_blocking(move || this.build_blocking(&key, &name, &source, false))
+                .await;
+        match result {
+            Ok(Ok(report)) => Ok(report.record),
+            Ok(Err(e)) => Err(Arc::new(e)),
+            Err(e) => Err(Arc::new(e.into())),
+        }
+    }
+
+    /// Builds `packages` (for `tag`) into the cache, blocking: the daemon's
+    /// builds and `nixery-local build` both end here.
+    pub fn build_now(
+        &self,
+        packages: &str,
+        tag: &Tag,
+        progress: bool,
+    ) -> Result<BuildReport, BuildError> {
+        let name = ImageName::parse(packages)?;
+        let source = self.settings.source.for_tag(tag);
+        let key = self.request_key(&name, &source);
+        self.build_blocking(&key, &name, &source, progress)
+    }
+
+    fn build_blocking(
+        &self,
+        key: &Digest,
+        name: &ImageName,
+        source: &PkgSource,
+        progress: bool,
+    ) -> Result<BuildReport, BuildError> {
+        let started = Instant::now();
+        let say = |msg: String| {
+            if progress {
+                eprintln!("{msg}");
+            }
+        };
+        say(format!("evaluating and building {name} …"));
+        let gc_root = self.store.gcroots_dir().join(key.hex());
+        let built = self.nix.build(source, name, Some(&gc_root))?;
+        let closure = &built.closure;
+
+        let popularity = {
+            let mut learnt = self
+                .popularity
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            learnt.learn(closure);
+            learnt.clone()
+        };
+        let groups = layers::group_layers(closure, &popularity, self.settings.layer_budget)?;
+        say(format!(
+            "closure: {} store paths, {} MB, {} layers",
+            closure.len(),
+            closure.total_size() / 1_000_000,
+            groups.len() + 1
+        ));
+
+        let mut built_layers = self.write_layers(&groups, progress)?;
+
+        // The customisation layer: symlinks into the closure, /tmp, env, CA bundle.
+        let outputs = built.evaluation.output_paths();
+        let closure_paths: Vec<String> = closure.paths.keys().cloned().collect();
+        let mut w = self.store.blob_writer(Algorithm::Sha256)?;
+        let (custom_info, custom) = layers::write_customisation_layer(
+            &outputs,
+            &closure_paths,
+            self.settings.compression,
+            &mut w,
+        )?;
+        let (digest, _, staged) = w.finish_computed()?;
+        if digest != custom_info.digest {
+            return Err(BuildError::LayerDigest {
+                expected: custom_info.digest,
+                actual: digest,
+            });
+        }
+        staged.commit()?;
+
+        let mut image_layers: Vec<ImageLayer> = groups
+            .iter()
+            .zip(&built_layers)
+            .map(|(g, (info, _))| ImageLayer {
+                info: info.clone(),
+                created_by: image::describe_paths(&g.paths),
+            })
+            .collect();
+        image_layers.push(ImageLayer {
+            info: custom_info.clone(),
+            created_by: format!("nixery-local: {name}"),
+        });
+        let spec = ImageSpec {
+            platform: Platform::from_nix_system(&built.evaluation.system)?,
+            env: image::default_env(custom.ca_bundle),
+            cmd: name.cmd(),
+            layers: image_layers,
+        };
+        let m = image::build_manifests(&spec)?;
+        self.store.put_blob_bytes(&m.config_digest, &m.config)?;
+        self.store.put_blob_bytes(&m.oci_digest, &m.oci)?;
+        self.store.put_blob_bytes(&m.docker_digest, &m.docker)?;
+
+        built_layers.push((custom_info, false));
+        let record = NixImageRecord {
+            name: name.canonical(),
+            built_at: now_secs(),
+            pinned: source.is_pinned(),
+            manifests: vec![
+                ManifestVariant {
+                    media_type: OCI_MANIFEST.to_owned(),
+                    digest: m.oci_digest,
+                    size: m.oci.len() as u64,
+                },
+                ManifestVariant {
+                    media_type: DOCKER_MANIFEST.to_owned(),
+                    digest: m.docker_digest,
+                    size: m.docker.len() as u64,
+                },
+            ],
+            layers: built_layers.iter().map(|(i, _)| i.digest.clone()).collect(),
+            gc_roots: built.gc_roots.clone(),
+        };
+        self.store.put_record(RecordKind::NixImage, key, &record)?;
+
+        let reused = built_layers.iter().filter(|(_, r)| *r).count();
+        tracing::info!(
+            name = %record.name,
+            layers = built_layers.len(),
+            reused_layers = reused,
+            closure_paths = closure.len(),
+            duration_ms = started.elapsed().as_millis() as u64,
+            digest = %record.manifests[0].digest,
+            "built Nix image"
+        );
+        let mut table: Vec<BuiltLayer> = groups
+            .iter()
+            .zip(&built_layers)
+            .map(|(g, (info, reused))| BuiltLayer {
+                digest: info.digest.clone(),
+                size: info.size,
+                paths: g.paths.clone(),
+                reused: *reused,
+            })
+            .collect();
+        if let Some((info, _)) = built_layers.last() {
+            table.push(BuiltLayer {
+                digest: info.digest.clone(),
+                size: info.size,
+                paths: vec!["(customisation layer)".to_owned()],
+                reused: false,
+            });
+        }
+        Ok(BuildReport {
+            record,
+            layers: table,
+        })
+    }
+
+    /// Each group's layer, from the cache when a layer of the same store
+    /// paths and compression exists, else written now, several at once.
+    fn write_layers(
+        &self,
+        groups: &[LayerGroup],
+        progress: bool,
+    ) -> Result<Vec<(LayerInfo, bool)>, BuildError> {
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .min(groups.len().max(1));
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let done = std::sync::atomic::AtomicUsize::new(0);
+        let results: Vec<Mutex<Option<LayerOutcome>>> =
+            groups.iter().map(|_| Mutex::new(None)).collect();
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(group) = groups.get(i) else { break };
+                    let result = self.layer(group);
+                    let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    if progress {
+                        eprintln!("layer {n}/{}", groups.len());
+                    }
+                    if let Ok(mut slot) = results[i].lock() {
+                        *slot = Some(result);
+                    }
+                });
+            }
+        });
+        results
+            .into_iter()
+            .map(|slot| {
+                slot.into_inner()
+                    .ok()
+                    .flatten()
+                    .unwrap_or(Err(BuildError::Interrupted))
+            })
+            .collect()
+    }
+
+    fn layer(&self, group: &LayerGroup) -> LayerOutcome {
+        let compression = self.settings.compression;
+        let key = {
+            let mut h = crate::digest::Hasher::new(Algorithm::Sha256);
+            h.update(group.id().to_string().as_bytes());
+            h.update(compression.as_str().as_bytes());
+            h.finish()
+        };
+        if let Some(info) = self.store.record::<LayerInfo>(RecordKind::Layer, &key)? {
+            if self.store.has_blob(&info.digest) {
+                return Ok((info, true));
+            }
+        }
+        let mut w = self.store.blob_writer(Algorithm::Sha256)?;
+        let info = layers::write_layer(&group.path_bufs(), compression, &mut w)?;
+        let (digest, _, staged) = w.finish_computed()?;
+        if digest != info.digest {
+            return Err(BuildError::LayerDigest {
+                expected: info.digest,
+                actual: digest,
+            });
+        }
+        staged.commit()?;
+        self.store.put_record(RecordKind::Layer, &key, &info)?;
+        Ok((info, false))
+    }
+}
