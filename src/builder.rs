@@ -112,6 +112,8 @@ pub struct BuiltLayer {
     pub size: u64,
     pub paths: Vec<String>,
     pub reused: bool,
+    /// How many other cached Nix images have this layer.
+    pub shared_with: usize,
 }
 
 /// The result of a build.
@@ -132,6 +134,8 @@ pub struct NixImages {
     settings: NixSettings,
     /// Learnt from every closure built, on top of the configured data.
     popularity: Mutex<Popularity>,
+    /// Whether the local store's graph went into `popularity` yet.
+    learnt_store: std::sync::atomic::AtomicBool,
     inflight: Mutex<HashMap<Digest, watch::Receiver<Option<Outcome>>>>,
     builds: Semaphore,
 }
@@ -149,6 +153,7 @@ impl NixImages {
             store,
             nix: Nix::new(settings.nix.clone()),
             popularity: Mutex::new(settings.popularity.clone()),
+            learnt_store: std::sync::atomic::AtomicBool::new(false),
             settings,
             inflight: Mutex::new(HashMap::new()),
             builds: Semaphore::new(PARALLEL_BUILDS),
@@ -306,7 +311,15 @@ impl NixImages {
         let name = ImageName::parse(packages)?;
         let source = self.settings.source.for_tag(tag);
         let key = self.request_key(&name, &source);
-        self.build_blocking(&key, &name, &source, progress)
+        let mut report = self.build_blocking(&key, &name, &source, progress)?;
+        let others: Vec<NixImageRecord> = self.store.records(RecordKind::NixImage)?;
+        for layer in &mut report.layers {
+            layer.shared_with = others
+                .iter()
+                .filter(|r| r.name != report.record.name && r.layers.contains(&layer.digest))
+                .count();
+        }
+        Ok(report)
     }
 
     fn build_blocking(
@@ -327,6 +340,25 @@ impl NixImages {
         let built = self.nix.build(source, name, Some(&gc_root))?;
         let closure = &built.closure;
 
+        let over_budget = closure.len() >= self.settings.layer_budget;
+        if over_budget
+            && !self
+                .learnt_store
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            // Popularity only matters once paths must share layers: learn it
+            // from the whole local store's reference graph, once.
+            match self.nix.store_graph() {
+                Ok(graph) => self
+                    .popularity
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .learn(&graph),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the store's reference graph for popularity")
+                }
+            }
+        }
         let popularity = {
             let mut learnt = self
                 .popularity
@@ -427,6 +459,7 @@ impl NixImages {
                 size: info.size,
                 paths: g.paths.clone(),
                 reused: *reused,
+                shared_with: 0,
             })
             .collect();
         if let Some((info, _)) = built_layers.last() {
@@ -435,6 +468,7 @@ impl NixImages {
                 size: info.size,
                 paths: vec!["(customisation layer)".to_owned()],
                 reused: false,
+                shared_with: 0,
             });
         }
         Ok(BuildReport {
@@ -510,5 +544,96 @@ impl NixImages {
         staged.commit()?;
         self.store.put_record(RecordKind::Layer, &key, &info)?;
         Ok((info, false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn images(dir: &std::path::Path) -> NixImages {
+        let store = Arc::new(Store::open(dir).expect("store"));
+        NixImages::new(
+            store,
+            NixSettings {
+                namespace: "nix".into(),
+                registries: vec!["nix.local".parse().expect("host")],
+                source: SourceSetting::Fixed(PkgSource::Path {
+                    path: "/pkgs".into(),
+                }),
+                layer_budget: 95,
+                compression: Compression::Gzip,
+                ttl: Duration::from_secs(60),
+                popularity: Popularity::new(),
+                nix: NixConfig::default(),
+            },
+        )
+    }
+
+    #[test]
+    fn routes_the_namespace_and_nix_registries_only() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let n = images(dir.path());
+        let repo = |s: &str| s.parse::<RepoName>().expect("repo");
+        let docker: RegistryHost = "docker.io".parse().expect("host");
+        let nix_local: RegistryHost = "nix.local".parse().expect("host");
+        let r = repo("nix/shell/git");
+        assert_eq!(n.route(&docker, &r), Some("shell/git"));
+        let r = repo("shell/git");
+        assert_eq!(n.route(&nix_local, &r), Some("shell/git"));
+        assert_eq!(n.route(&docker, &r), None);
+        let r = repo("nixos/nix");
+        assert_eq!(
+            n.route(&docker, &r),
+            None,
+            "only the whole first component counts"
+        );
+    }
+
+    #[test]
+    fn request_keys_ignore_order_but_not_settings() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let n = images(dir.path());
+        let src = PkgSource::Path {
+            path: "/pkgs".into(),
+        };
+        let a = ImageName::parse("git/htop").expect("name");
+        let b = ImageName::parse("htop/git/htop").expect("name");
+        assert_eq!(n.request_key(&a, &src), n.request_key(&b, &src));
+        let other = PkgSource::Path {
+            path: "/other".into(),
+        };
+        assert_ne!(n.request_key(&a, &src), n.request_key(&a, &other));
+    }
+
+    #[test]
+    fn stale_records_are_not_fresh_and_pinned_ones_never_expire() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let n = images(dir.path());
+        let bytes = b"{}";
+        let digest = Digest::sha256_of(bytes);
+        n.store.put_blob_bytes(&digest, bytes).expect("put");
+        let mut record = NixImageRecord {
+            name: "hello".into(),
+            built_at: now_secs(),
+            pinned: false,
+            manifests: vec![ManifestVariant {
+                media_type: OCI_MANIFEST.into(),
+                digest,
+                size: 2,
+            }],
+            layers: vec![],
+            gc_roots: vec![],
+        };
+        assert!(n.fresh(&record));
+        record.built_at -= 61;
+        assert!(!n.fresh(&record));
+        record.pinned = true;
+        assert!(n.fresh(&record));
+        record.manifests[0].digest = Digest::sha256_of(b"gone");
+        assert!(
+            !n.fresh(&record),
+            "a record whose manifest is gone must be rebuilt"
+        );
     }
 }

@@ -159,6 +159,8 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for people, not for journald or log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -210,7 +212,11 @@ fn build(settings: &Settings, name: &str) -> anyhow::Result<()> {
             [] => String::new(),
         };
         let cached = if layer.reused { "yes" } else { "no" };
-        writeln!(out, "{short:<12} {:>12}  {cached:<6}  {paths}", layer.size)?;
+        writeln!(
+            out,
+            "{short:<12} {:>12}  {cached:<6}  {:<6}  {paths}",
+            layer.size, layer.shared_with
+        )?;
     }
     Ok(())
 }

@@ -245,6 +245,29 @@ impl Store {
         }
     }
 
+    /// Every readable record of `kind` (unreadable ones are skipped).
+    pub fn records<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: RecordKind,
+    ) -> Result<Vec<T>, StoreError> {
+        let dir = self.root.join("records").join(kind.dir());
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err("read", &dir)(e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let path = entry.map_err(io_err("read", &dir))?.path();
+            if let Ok(bytes) = fs::read(&path) {
+                if let Ok(v) = serde_json::from_slice(&bytes) {
+                    out.push(v);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     pub fn put_record<T: Serialize>(
         &self,
         kind: RecordKind,
