@@ -32,6 +32,7 @@ fi
 
 # Nix runs single-user as root here, building with busybox and no sandbox.
 tests/setup-nix.sh
+unset NIX_REMOTE
 
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings

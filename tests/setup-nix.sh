@@ -7,9 +7,13 @@ set -euo pipefail
 command -v nix-build >/dev/null || { echo "setup-nix: nix-build missing (apt-get install nix-bin)" >&2; exit 1; }
 [ -x /bin/busybox ] || { echo "setup-nix: /bin/busybox missing (apt-get install busybox-static)" >&2; exit 1; }
 
-# Debian's package creates the store and the nixbld users in its postinst;
-# make sure of the directories a single-user store needs.
-mkdir -p /nix/store /nix/var/nix/gcroots /nix/var/nix/profiles /nix/var/nix/temproots
+# Single-user as root: no daemon runs in CI (Debian's environment.d sets
+# NIX_REMOTE=daemon only in systemd user sessions).
+unset NIX_REMOTE
+# Debian's postinst creates the nixbld users; --init creates the database
+# and /nix/var/nix. Doing it now avoids a race between the first Nix calls
+# of tests running in parallel on a fresh store.
+nix-store --init
 # Debian ships sandbox = false; the builds read /bin/busybox from the host.
 if ! grep -qs '^sandbox *= *false' /etc/nix/nix.conf; then
     mkdir -p /etc/nix
@@ -17,7 +21,7 @@ if ! grep -qs '^sandbox *= *false' /etc/nix/nix.conf; then
 fi
 
 # Prove a build works now rather than in the middle of a test.
-out=$(NIX_REMOTE= nix-build --no-out-link -E 'derivation {
+out=$(nix-build --option substituters ""  --no-out-link -E 'derivation {
     name = "nixery-local-setup-check"; system = builtins.currentSystem;
     builder = "/bin/busybox"; args = [ "sh" "-c" "echo ok > $out" ]; }' 2>&1) || {
     echo "setup-nix: a trivial Nix build failed:" >&2
