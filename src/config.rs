@@ -11,6 +11,7 @@ use crate::builder::{NixSettings, SourceSetting};
 use crate::layers::{Compression, Popularity};
 use crate::nix::{NixConfig, PkgSource};
 use crate::reference::RegistryHost;
+use crate::upstream::{Credential, UpstreamSettings};
 
 /// Loopback only by default: the daemon serves whatever its cache holds to
 /// anyone who can connect.
@@ -38,6 +39,9 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("{0}")]
     Nix(String),
+    // Never echoes a credential: messages name the host only.
+    #[error("{0}")]
+    Upstream(String),
 }
 
 /// The options of `serve`, as flags and as keys of the config file (the file
@@ -134,6 +138,55 @@ pub struct Options {
     #[serde(default)]
     pub nix_option: Vec<String>,
 
+    /// Where registry HOST lives, as HOST=URL (repeatable), e.g.
+    /// `registry.lan=http://10.0.0.5:5000`. Only hosts named here may be
+    /// plain HTTP or on loopback or private addresses; any other host H is
+    /// reached at https://H on public addresses only.
+    #[arg(
+        long = "upstream",
+        value_name = "HOST=URL",
+        help_heading = "Pull-through mirror"
+    )]
+    #[serde(default)]
+    pub upstream: Vec<String>,
+
+    /// An extra CA certificate (PEM) to trust for one upstream, HOST=FILE
+    /// (repeatable). The system store (SSL_CERT_FILE/SSL_CERT_DIR) is
+    /// always trusted.
+    #[arg(
+        long = "upstream-ca",
+        value_name = "HOST=FILE",
+        help_heading = "Pull-through mirror"
+    )]
+    #[serde(default)]
+    pub upstream_ca: Vec<String>,
+
+    /// A login for one upstream, HOST=USER:PASSWORD (repeatable; better put
+    /// in the config file than on a command line). Docker's config.json
+    /// `auths` are used too.
+    #[arg(
+        long = "credential",
+        value_name = "HOST=USER:PASSWORD",
+        help_heading = "Pull-through mirror"
+    )]
+    #[serde(default)]
+    pub credential: Vec<String>,
+
+    /// Never contact an upstream: serve only what the cache holds.
+    #[arg(long, help_heading = "Pull-through mirror")]
+    #[serde(default)]
+    pub offline: bool,
+
+    /// Seconds a cached tag is served before it is checked again with the
+    /// upstream (a HEAD request) [default: 60].
+    #[arg(long, value_name = "SECS", help_heading = "Pull-through mirror")]
+    pub tag_ttl: Option<u64>,
+
+    /// Seconds to wait for an upstream to connect and answer; past it, a
+    /// cached copy is served or the client gets a prompt 404 [default: 5].
+    #[arg(long, value_name = "SECS", help_heading = "Pull-through mirror")]
+    pub upstream_timeout: Option<u64>,
+
     /// Nixery-format popularity data (JSON: package name → reference count)
     /// for grouping store paths when an image has more than the layer budget.
     #[arg(long, value_name = "FILE", help_heading = "Nix images")]
@@ -174,11 +227,19 @@ impl Options {
             nix_timeout: self.nix_timeout.or(file.nix_timeout),
             nix_option: or_vec(self.nix_option, file.nix_option),
             popularity: self.popularity.or(file.popularity),
+            upstream: or_vec(self.upstream, file.upstream),
+            upstream_ca: or_vec(self.upstream_ca, file.upstream_ca),
+            credential: or_vec(self.credential, file.credential),
+            offline: self.offline || file.offline,
+            tag_ttl: self.tag_ttl.or(file.tag_ttl),
+            upstream_timeout: self.upstream_timeout.or(file.upstream_timeout),
         }
     }
 
     pub fn resolve(self) -> Result<Settings, ConfigError> {
         let nix = self.nix_settings()?;
+        let upstream = self.upstream_settings()?;
+        let tag_ttl = Duration::from_secs(self.tag_ttl.unwrap_or(60));
         let listen = self.listen.unwrap_or(DEFAULT_LISTEN);
         let state_dir = match self.state_dir {
             Some(d) => d,
@@ -204,6 +265,64 @@ impl Options {
             header_timeout: Duration::from_secs(header_timeout),
             max_connections,
             nix,
+            upstream,
+            tag_ttl,
+        })
+    }
+
+    fn upstream_settings(&self) -> Result<UpstreamSettings, ConfigError> {
+        fn pair<'a>(flag: &str, v: &'a str) -> Result<(RegistryHost, &'a str), ConfigError> {
+            let (host, rest) = v
+                .split_once('=')
+                .ok_or_else(|| ConfigError::Upstream(format!("{flag} {v:?} is not HOST=…")))?;
+            Ok((host.parse()?, rest))
+        }
+        let mut overrides = Vec::new();
+        for v in &self.upstream {
+            let (host, url) = pair("upstream", v)?;
+            let uri: http::Uri = url
+                .parse()
+                .map_err(|_| ConfigError::Upstream(format!("upstream URL {url:?} is not a URL")))?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+                return Err(ConfigError::Upstream(format!(
+                    "upstream URL {url:?} must be http://HOST[:PORT] or https://HOST[:PORT]"
+                )));
+            }
+            overrides.push((host, url.trim_end_matches('/').to_owned()));
+        }
+        let mut extra_cas = Vec::new();
+        for v in &self.upstream_ca {
+            let (host, file) = pair("upstream-ca", v)?;
+            extra_cas.push((host, PathBuf::from(file)));
+        }
+        let mut credentials = Vec::new();
+        for v in &self.credential {
+            // Not `pair`: a malformed entry must not be echoed, it may hold a password.
+            let (host, login) = v.split_once('=').ok_or_else(|| {
+                ConfigError::Upstream("a credential is not HOST=USER:PASSWORD".into())
+            })?;
+            let host: RegistryHost = host.parse()?;
+            let (username, password) = login.split_once(':').ok_or_else(|| {
+                ConfigError::Upstream(format!("credential for {host} is not USER:PASSWORD"))
+            })?;
+            credentials.push((
+                host,
+                Credential {
+                    username: username.to_owned(),
+                    password: password.to_owned(),
+                },
+            ));
+        }
+        let timeout = self.upstream_timeout.unwrap_or(5);
+        if timeout == 0 {
+            return Err(ConfigError::Zero("upstream-timeout"));
+        }
+        Ok(UpstreamSettings {
+            overrides,
+            extra_cas,
+            credentials,
+            timeout: Duration::from_secs(timeout),
+            offline: self.offline,
         })
     }
 
@@ -321,6 +440,8 @@ pub struct Settings {
     pub header_timeout: Duration,
     pub max_connections: usize,
     pub nix: NixSettings,
+    pub upstream: UpstreamSettings,
+    pub tag_ttl: Duration,
 }
 
 /// systemd tells a service its directories (`StateDirectory=`,

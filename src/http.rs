@@ -29,9 +29,10 @@ use tokio::sync::Semaphore;
 use crate::builder::BuildError;
 use crate::chunks::ChunkPool;
 use crate::digest::Digest;
+use crate::mirror::Download;
 use crate::nix::NixError;
 use crate::reference::{NameError, Reference, RegistryHost, RepoName};
-use crate::registry::{Accept, Registry, RegistryError};
+use crate::registry::{Accept, Blob, BlobSource, Registry, RegistryError};
 use crate::store::BlobFile;
 
 pub type Body = UnsyncBoxBody<Bytes, io::Error>;
@@ -173,6 +174,15 @@ impl From<RegistryError> for ApiError {
                 ApiError::new(StatusCode::NOT_FOUND, "NAME_UNKNOWN", e.to_string())
             }
             RegistryError::Nix(build) => ApiError::from(&*build),
+            // A fast 404 lets containerd fall back to its next host.
+            RegistryError::UpstreamManifest(ref m) => {
+                tracing::info!(error = %m, "manifest miss");
+                ApiError::new(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", e.to_string())
+            }
+            RegistryError::UpstreamBlob(ref m) => {
+                tracing::info!(error = %m, "blob miss");
+                ApiError::new(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", e.to_string())
+            }
             RegistryError::Store(_) | RegistryError::Task(_) => {
                 // The detail (paths, OS errors) goes to the log, not the client.
                 tracing::error!(error = %e, "request failed");
@@ -375,13 +385,12 @@ async fn dispatch(
             Ok(resp)
         }
         Route::Blob { name, digest } => {
-            let _repo: RepoName = name.parse()?;
+            let repo: RepoName = name.parse()?;
             let digest: Digest = digest.parse().map_err(NameError::from)?;
-            let blob = registry.blob(digest).await?;
+            let blob = registry.blob(host, repo, digest).await?;
             Ok(blob_response(
                 &app.chunks,
-                blob.file,
-                &blob.digest,
+                blob,
                 req.headers(),
                 req.method(),
             ))
@@ -478,33 +487,42 @@ fn parse_range(headers: &HeaderMap, size: u64) -> RangeRequest {
 
 fn blob_response(
     chunks: &Arc<ChunkPool>,
-    file: Arc<BlobFile>,
-    digest: &Digest,
+    blob: Blob,
     headers: &HeaderMap,
     method: &Method,
 ) -> Response<Body> {
-    let size = file.len();
-    let (status, start, end_excl) = match parse_range(headers, size) {
-        RangeRequest::Whole => (StatusCode::OK, 0, size),
-        RangeRequest::Part { start, end } => (StatusCode::PARTIAL_CONTENT, start, end + 1),
-        RangeRequest::Unsatisfiable => {
-            let mut resp = error_response(ApiError::new(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                "BLOB_UNKNOWN",
-                format!("range not satisfiable for a blob of {size} bytes"),
-            ));
-            insert_str(
-                resp.headers_mut(),
-                header::CONTENT_RANGE,
-                &format!("bytes */{size}"),
-            );
-            return resp;
-        }
+    let digest = &blob.digest;
+    // A download whose size the upstream did not announce is sent whole,
+    // without a Content-Length (chunked).
+    let (status, start, end_excl, size) = match blob.size {
+        None => (StatusCode::OK, 0, u64::MAX, None),
+        Some(size) => match parse_range(headers, size) {
+            RangeRequest::Whole => (StatusCode::OK, 0, size, Some(size)),
+            RangeRequest::Part { start, end } => {
+                (StatusCode::PARTIAL_CONTENT, start, end + 1, Some(size))
+            }
+            RangeRequest::Unsatisfiable => {
+                let mut resp = error_response(ApiError::new(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    "BLOB_UNKNOWN",
+                    format!("range not satisfiable for a blob of {size} bytes"),
+                ));
+                insert_str(
+                    resp.headers_mut(),
+                    header::CONTENT_RANGE,
+                    &format!("bytes */{size}"),
+                );
+                return resp;
+            }
+        },
     };
     let body = if method == Method::HEAD {
         empty()
     } else {
-        blob_stream(Arc::clone(chunks), file, start, end_excl)
+        match blob.source {
+            BlobSource::Stored(file) => blob_stream(Arc::clone(chunks), file, start, end_excl),
+            BlobSource::Downloading(dl) => download_stream(Arc::clone(chunks), dl, start, end_excl),
+        }
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
@@ -513,11 +531,13 @@ fn blob_response(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(end_excl - start));
-    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if size.is_some() {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(end_excl - start));
+        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    }
     insert_str(h, "docker-content-digest", &digest.to_string());
     insert_str(h, header::ETAG, &format!("\"{digest}\""));
-    if status == StatusCode::PARTIAL_CONTENT {
+    if let (StatusCode::PARTIAL_CONTENT, Some(size)) = (status, size) {
         insert_str(
             h,
             header::CONTENT_RANGE,
@@ -525,6 +545,51 @@ fn blob_response(
         );
     }
     resp
+}
+
+/// Streams `[start, end)` of a blob still arriving from upstream: each chunk
+/// waits until its bytes have arrived. If the download fails (wrong digest,
+/// cut off), the stream ends in an error, so hyper aborts the response and
+/// the client sees a short body rather than a complete-looking one.
+fn download_stream(pool: Arc<ChunkPool>, dl: Arc<Download>, start: u64, end: u64) -> Body {
+    let stream = futures_util::stream::unfold(
+        (pool, dl, start, end),
+        |(pool, dl, offset, end)| async move {
+            if offset >= end {
+                return None;
+            }
+            let available = match dl.available(offset).await {
+                Ok(Some(a)) => a,
+                Ok(None) => return None,
+                Err(e) => return Some((Err(e), (pool, dl, end, end))),
+            };
+            let (p, d) = (Arc::clone(&pool), Arc::clone(&dl));
+            let read = tokio::task::spawn_blocking(move || {
+                let mut chunk = p.take();
+                let want = (available.min(end) - offset).min(chunk.buffer().len() as u64) as usize;
+                let n = d.read_at(offset, &mut chunk.buffer()[..want])?;
+                chunk.set_len(n);
+                Ok::<_, io::Error>(chunk.freeze())
+            })
+            .await;
+            match read {
+                Ok(Ok(bytes)) if !bytes.is_empty() => {
+                    let next = offset + bytes.len() as u64;
+                    Some((Ok(bytes), (pool, dl, next, end)))
+                }
+                Ok(Ok(_)) => Some((
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "download shorter than announced",
+                    )),
+                    (pool, dl, end, end),
+                )),
+                Ok(Err(e)) => Some((Err(e), (pool, dl, end, end))),
+                Err(e) => Some((Err(io::Error::other(e)), (pool, dl, end, end))),
+            }
+        },
+    );
+    BodyExt::boxed_unsync(StreamBody::new(stream.map_ok(Frame::data)))
 }
 
 /// Streams `[start, end)` of `file` in pooled chunks read on the blocking

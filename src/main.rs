@@ -12,11 +12,13 @@ use clap::{Parser, Subcommand};
 use nixery_local::builder::NixImages;
 use nixery_local::config::{ConfigError, Options, Settings};
 use nixery_local::http::{self, ServerOptions};
+use nixery_local::mirror::Mirror;
 use nixery_local::reference::{ImageRef, RepoName, Tag};
 use nixery_local::registry::Registry;
 use nixery_local::setup::SetupCommand;
 use nixery_local::store::Store;
 use nixery_local::systemd;
+use nixery_local::upstream::Upstreams;
 
 /// sysexits' EX_USAGE: the command line or config file is wrong.
 const EXIT_USAGE: u8 = 64;
@@ -87,10 +89,18 @@ fn main() -> ExitCode {
     };
     init_logging();
     let result = match cli.command {
-        Command::Serve { config, options } => match settings(config, options) {
-            Ok(s) => serve(s),
-            Err(e) => return usage_error(&e.to_string()),
-        },
+        Command::Serve { config, options } => {
+            let settings = match settings(config, options) {
+                Ok(s) => s,
+                Err(e) => return usage_error(&e.to_string()),
+            };
+            // A CA file that cannot be read is a configuration error too.
+            let upstreams = match Upstreams::new(settings.upstream.clone()) {
+                Ok(u) => u,
+                Err(e) => return usage_error(&e.to_string()),
+            };
+            serve(settings, upstreams)
+        }
         Command::Import {
             config,
             state_dir,
@@ -226,7 +236,7 @@ fn setup(client: &SetupCommand, settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve(settings: Settings) -> anyhow::Result<()> {
+fn serve(settings: Settings, upstreams: Upstreams) -> anyhow::Result<()> {
     // systemd: before the runtime starts threads, as both unset variables.
     let inherited = systemd::listen_fds().context("taking the socket systemd passed")?;
     let notifier = systemd::Notifier::from_env().unwrap_or_else(|e| {
@@ -240,8 +250,12 @@ fn serve(settings: Settings) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let store = Arc::new(open_store(&settings)?);
         let nix = Arc::new(NixImages::new(Arc::clone(&store), settings.nix.clone()));
-        let registry =
-            Arc::new(Registry::new(store, settings.default_registry.clone()).with_nix(nix));
+        let mirror = Arc::new(Mirror::new(Arc::clone(&store), upstreams, settings.tag_ttl));
+        let registry = Arc::new(
+            Registry::new(store, settings.default_registry.clone())
+                .with_nix(nix)
+                .with_mirror(mirror),
+        );
         let listener = match inherited {
             Some(listener) => {
                 tracing::info!("using the socket systemd passed; --listen is ignored");

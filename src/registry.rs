@@ -11,6 +11,7 @@ use bytes::Bytes;
 
 use crate::builder::{BuildError, NixImages};
 use crate::digest::Digest;
+use crate::mirror::{Download, Mirror, MirrorError};
 use crate::reference::{Reference, RegistryHost, RepoName};
 use crate::store::{BlobFile, Store, StoreError, TagRecord};
 
@@ -28,6 +29,11 @@ pub enum RegistryError {
     Task(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Nix(Arc<BuildError>),
+    /// The cache cannot answer and the upstream did not either.
+    #[error("manifest unknown: {0}")]
+    UpstreamManifest(MirrorError),
+    #[error("blob unknown: {0}")]
+    UpstreamBlob(MirrorError),
 }
 
 /// The media types a client said it can read (its `Accept` header).
@@ -78,10 +84,17 @@ pub struct Manifest {
     pub digest: Digest,
 }
 
-/// An open blob ready to stream.
+/// A blob ready to stream: from the cache, or arriving from upstream.
 pub struct Blob {
-    pub file: Arc<BlobFile>,
+    pub source: BlobSource,
     pub digest: Digest,
+    /// `None` only for a download whose upstream did not say.
+    pub size: Option<u64>,
+}
+
+pub enum BlobSource {
+    Stored(Arc<BlobFile>),
+    Downloading(Arc<Download>),
 }
 
 /// One page of a repository's tags.
@@ -96,6 +109,7 @@ pub struct Registry {
     store: Arc<Store>,
     default_host: RegistryHost,
     nix: Option<Arc<NixImages>>,
+    mirror: Option<Arc<Mirror>>,
 }
 
 impl Registry {
@@ -104,7 +118,14 @@ impl Registry {
             store,
             default_host,
             nix: None,
+            mirror: None,
         }
+    }
+
+    /// Fills misses from upstream registries.
+    pub fn with_mirror(mut self, mirror: Arc<Mirror>) -> Registry {
+        self.mirror = Some(mirror);
+        self
     }
 
     /// Serves Nix images (built on demand) for the repositories `nix` routes.
@@ -142,6 +163,33 @@ impl Registry {
         reference: Reference,
         accept: Accept,
     ) -> Result<Manifest, RegistryError> {
+        let nix_route = self
+            .nix
+            .as_ref()
+            .and_then(|n| n.route(&host, &repo))
+            .is_some();
+        if let (Some(mirror), false) = (&self.mirror, nix_route) {
+            match &reference {
+                Reference::Tag(tag) => mirror
+                    .refresh_tag(&host, &repo, tag, &accept)
+                    .await
+                    .map_err(RegistryError::UpstreamManifest)?,
+                Reference::Digest(digest) => {
+                    let (h, r, d) = (host.clone(), repo.clone(), digest.clone());
+                    let linked = self
+                        .blocking(move |s| {
+                            Ok(s.linked_manifest(&h, &r, &d)?.is_some() && s.has_blob(&d))
+                        })
+                        .await?;
+                    if !linked {
+                        mirror
+                            .manifest_by_digest(&host, &repo, digest)
+                            .await
+                            .map_err(RegistryError::UpstreamManifest)?;
+                    }
+                }
+            }
+        }
         if let (Some(nix), Reference::Tag(tag)) = (&self.nix, &reference) {
             if let Some(packages) = nix.route(&host, &repo) {
                 let manifests = nix
@@ -204,16 +252,40 @@ impl Registry {
     }
 
     /// A blob by digest. Blobs are content-addressed and shared by every
-    /// repository of the cache, so any repository name reaches them.
-    pub async fn blob(&self, digest: Digest) -> Result<Blob, RegistryError> {
-        self.blocking(move |store| match store.open_blob(&digest)? {
-            Some(file) => Ok(Blob {
-                file: Arc::new(file),
+    /// repository of the cache, so any repository name reaches them; a miss
+    /// is fetched from `repo` on `host`'s upstream.
+    pub async fn blob(
+        &self,
+        host: RegistryHost,
+        repo: RepoName,
+        digest: Digest,
+    ) -> Result<Blob, RegistryError> {
+        let d = digest.clone();
+        if let Some(file) = self.blocking(move |store| Ok(store.open_blob(&d)?)).await? {
+            return Ok(Blob {
+                size: Some(file.len()),
+                source: BlobSource::Stored(Arc::new(file)),
                 digest,
-            }),
-            None => Err(RegistryError::BlobUnknown(digest)),
+            });
+        }
+        let Some(mirror) = &self.mirror else {
+            return Err(RegistryError::BlobUnknown(digest));
+        };
+        let download = mirror
+            .blob(&host, &repo, &digest)
+            .await
+            .map_err(RegistryError::UpstreamBlob)?;
+        let size = download.size().await.map_err(|e| {
+            RegistryError::UpstreamBlob(MirrorError::Download {
+                digest: digest.clone(),
+                message: e.to_string(),
+            })
+        })?;
+        Ok(Blob {
+            source: BlobSource::Downloading(download),
+            digest,
+            size,
         })
-        .await
     }
 
     /// The repository's tags in lexical order, `n` at most, after `last`.

@@ -161,10 +161,7 @@ impl Store {
     }
 
     fn blob_path(&self, digest: &Digest) -> PathBuf {
-        self.root
-            .join("blobs")
-            .join(digest.algorithm().name())
-            .join(digest.hex())
+        blob_path_in(&self.root, digest)
     }
 
     fn repo_dir(&self, host: &RegistryHost, repo: &RepoName) -> PathBuf {
@@ -286,10 +283,10 @@ impl Store {
     pub fn blob_writer(
         &self,
         algorithm: crate::digest::Algorithm,
-    ) -> Result<BlobWriter<'_>, StoreError> {
+    ) -> Result<BlobWriter, StoreError> {
         let (path, file) = self.temp_file()?;
         Ok(BlobWriter {
-            store: self,
+            root: self.root.clone(),
             path,
             file,
             hasher: Hasher::new(algorithm),
@@ -423,6 +420,27 @@ impl Store {
     }
 }
 
+fn blob_path_in(root: &Path, digest: &Digest) -> PathBuf {
+    root.join("blobs")
+        .join(digest.algorithm().name())
+        .join(digest.hex())
+}
+
+/// Fills `buf` from `offset` of `file` and returns how many bytes were read:
+/// fewer than `buf.len()` only at the end of the file.
+pub fn read_full_at(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
 /// Moves `from` over `to` and fsyncs the directory so the rename survives a crash.
 fn rename_durably(from: &Path, to: &Path) -> Result<(), StoreError> {
     let dir = to.parent().unwrap_or(Path::new("."));
@@ -458,32 +476,34 @@ impl BlobFile {
     /// Fills `buf` from `offset` (blocking) and returns how many bytes were
     /// read: fewer than `buf.len()` only at the end of the blob.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-        let mut filled = 0;
-        while filled < buf.len() {
-            match self
-                .file
-                .read_at(&mut buf[filled..], offset + filled as u64)
-            {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(filled)
+        read_full_at(&self.file, offset, buf)
     }
 }
 
 /// A blob being written to a temp file, hashed as it goes.
-pub struct BlobWriter<'a> {
-    store: &'a Store,
+pub struct BlobWriter {
+    /// The store's root, where the blob goes on commit.
+    root: PathBuf,
     path: PathBuf,
     file: File,
     hasher: Hasher,
     len: u64,
 }
 
-impl BlobWriter<'_> {
+impl BlobWriter {
+    /// The temp file being written, for readers that follow the writer.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     pub fn write_all(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
         self.hasher.update(bytes);
         self.len += bytes.len() as u64;
@@ -502,7 +522,7 @@ impl BlobWriter<'_> {
         // From here the StagedBlob owns the temp file (and removes it on error).
         let staged = StagedBlob {
             from: std::mem::take(&mut self.path),
-            to: self.store.blob_path(expected),
+            to: blob_path_in(&self.root, expected),
         };
         let hasher = std::mem::replace(&mut self.hasher, Hasher::new(expected.algorithm()));
         let actual = hasher.finish();
@@ -527,7 +547,7 @@ impl BlobWriter<'_> {
     }
 }
 
-impl BlobWriter<'_> {
+impl BlobWriter {
     /// For bytes the daemon produced itself (built layers, configs): the
     /// digest is whatever was written, so there is nothing to check it
     /// against. Returns the digest, the size and the blob ready to commit.
@@ -537,7 +557,7 @@ impl BlobWriter<'_> {
         // From here the StagedBlob owns the temp file (and removes it on error).
         let staged = StagedBlob {
             from: std::mem::take(&mut self.path),
-            to: self.store.blob_path(&digest),
+            to: blob_path_in(&self.root, &digest),
         };
         self.file
             .sync_all()
@@ -546,7 +566,7 @@ impl BlobWriter<'_> {
     }
 }
 
-impl io::Write for BlobWriter<'_> {
+impl io::Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.hasher.update(buf);
         self.len += buf.len() as u64;
@@ -559,7 +579,7 @@ impl io::Write for BlobWriter<'_> {
     }
 }
 
-impl Drop for BlobWriter<'_> {
+impl Drop for BlobWriter {
     fn drop(&mut self) {
         // Unfinished: the bytes are not verified, so they must not stay.
         // (`finish` moves the path into a StagedBlob, leaving it empty here.)

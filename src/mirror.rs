@@ -1,0 +1,628 @@
+//! The pull-through side: fills the cache from upstream registries.
+//!
+//! - Tags are revalidated with `HEAD` (Docker Hub does not count HEADs) at
+//!   most once per `tag_ttl`; in between, and whenever the upstream is
+//!   unreachable, slow, refuses us or answers 5xx, the cached digest stands
+//!   (stale-if-error). A digest reference never needs the network once cached.
+//! - Manifests are stored as the exact upstream bytes after checking their
+//!   digest.
+//! - A blob is downloaded once however many clients want it: the first
+//!   request starts a [`Download`] as its own task, and every client streams
+//!   from its temp file as bytes arrive. The blob enters the cache only after
+//!   its digest and size check out; otherwise every reader's stream fails,
+//!   so no client takes a short or wrong body for a whole one.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header;
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use tokio::sync::watch;
+
+use crate::digest::{Digest, Hasher};
+use crate::manifest;
+use crate::reference::{RegistryHost, RepoName, Tag};
+use crate::registry::Accept;
+use crate::store::{ManifestVariant, Store, StoreError, TagRecord, MAX_MANIFEST_SIZE};
+use crate::upstream::{Target, UpstreamError, Upstreams};
+
+/// Bytes are written to the temp file (and shown to readers) in batches
+/// this large.
+const WRITE_BATCH: usize = 1 << 20;
+/// An upstream body that sends nothing for this long is given up on.
+const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Times an interrupted blob download is resumed with `Range`.
+const RESUME_ATTEMPTS: usize = 3;
+
+/// Every manifest type we store, for upstream `Accept`.
+const MANIFEST_TYPES: [&str; 4] = [
+    manifest::OCI_INDEX,
+    manifest::DOCKER_MANIFEST_LIST,
+    manifest::OCI_MANIFEST,
+    manifest::DOCKER_MANIFEST,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    #[error("{0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("upstream has no {0}")]
+    NotFound(String),
+    #[error("upstream answered {status} for {what}")]
+    Status { status: StatusCode, what: String },
+    #[error("upstream sent a bad manifest for {what}: {message}")]
+    BadManifest { what: String, message: String },
+    #[error("blob {digest} failed: {message}")]
+    Download { digest: Digest, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("background task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+type TagKey = (RegistryHost, RepoName, Tag);
+
+pub struct Mirror {
+    store: Arc<Store>,
+    upstreams: Upstreams,
+    tag_ttl: Duration,
+    /// When each tag was last confirmed with its upstream (or found unreachable).
+    checked: Mutex<HashMap<TagKey, Instant>>,
+    downloads: Mutex<HashMap<Digest, Arc<Download>>>,
+}
+
+impl Mirror {
+    pub fn new(store: Arc<Store>, upstreams: Upstreams, tag_ttl: Duration) -> Mirror {
+        Mirror {
+            store,
+            upstreams,
+            tag_ttl,
+            checked: Mutex::new(HashMap::new()),
+            downloads: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, MirrorError> {
+        let store = Arc::clone(&self.store);
+        Ok(tokio::task::spawn_blocking(move || f(&store)).await??)
+    }
+
+    fn recently_checked(&self, key: &TagKey) -> bool {
+        self.checked
+            .lock()
+            .ok()
+            .and_then(|c| c.get(key).copied())
+            .is_some_and(|t| t.elapsed() < self.tag_ttl)
+    }
+
+    fn mark_checked(&self, key: TagKey) {
+        if let Ok(mut c) = self.checked.lock() {
+            c.insert(key, Instant::now());
+        }
+    }
+
+    /// Brings the cached record of `tag` up to date with the upstream when it
+    /// is due. `Ok` means: serve whatever the cache now holds.
+    pub async fn refresh_tag(
+        &self,
+        host: &RegistryHost,
+        repo: &RepoName,
+        tag: &Tag,
+        accept: &Accept,
+    ) -> Result<(), MirrorError> {
+        let key: TagKey = (host.clone(), repo.clone(), tag.clone());
+        let (h, r, t) = key.clone();
+        let local = self.blocking(move |s| s.tag(&h, &r, &t)).await?;
+        let usable = local.as_ref().is_some_and(|rec| {
+            rec.manifests
+                .iter()
+                .any(|m| accept.accepts(&m.media_type) && self.store.has_blob(&m.digest))
+        });
+        if usable && (self.recently_checked(&key) || self.upstreams.offline()) {
+            return Ok(());
+        }
+        let what = format!("{host}/{repo}:{tag}");
+        match self
+            .revalidate(host, repo, tag, accept, local.as_ref())
+            .await
+        {
+            Ok(()) => {
+                self.mark_checked(key);
+                Ok(())
+            }
+            // The upstream says the tag does not exist: that is the answer.
+            Err(e @ MirrorError::NotFound(_)) => Err(e),
+            Err(e) if usable => {
+                tracing::warn!(image = %what, error = %e, "upstream unavailable; serving the cached digest");
+                self.mark_checked(key);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn revalidate(
+        &self,
+        host: &RegistryHost,
+        repo: &RepoName,
+        tag: &Tag,
+        accept: &Accept,
+        local: Option<&TagRecord>,
+    ) -> Result<(), MirrorError> {
+        let what = format!("{host}/{repo}:{tag}");
+        let types: Vec<&str> = MANIFEST_TYPES
+            .iter()
+            .copied()
+            .filter(|t| accept.accepts(t))
+            .collect();
+        let target = Target::Manifest(tag.to_string());
+        let head = self
+            .upstreams
+            .fetch(host, repo, &target, Method::HEAD, &types, None)
+            .await?;
+        check_status(head.status(), &what)?;
+        let announced: Option<Digest> = head
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        if let (Some(d), Some(local)) = (&announced, local) {
+            if local.manifests.iter().any(|m| &m.digest == d) && self.store.has_blob(d) {
+                return Ok(());
+            }
+        }
+        // Changed (or never seen): fetch the bytes, by digest when we know it.
+        let target = match &announced {
+            Some(d) => Target::Manifest(d.to_string()),
+            None => target,
+        };
+        let variant = self
+            .fetch_manifest(host, repo, &target, &types, announced.as_ref(), &what)
+            .await?;
+        let (h, r, t) = (host.clone(), repo.clone(), tag.clone());
+        self.blocking(move |s| {
+            s.set_tag(
+                &h,
+                &r,
+                &t,
+                &TagRecord {
+                    manifests: vec![variant],
+                },
+            )
+        })
+        .await?;
+        tracing::info!(image = %what, "tag updated from upstream");
+        Ok(())
+    }
+
+    /// Caches the manifest `digest` of `repo` from the upstream, unless it is
+    /// already there.
+    pub async fn manifest_by_digest(
+        &self,
+        host: &RegistryHost,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<(), MirrorError> {
+        let what = format!("{host}/{repo}@{digest}");
+        let target = Target::Manifest(digest.to_string());
+        self.fetch_manifest(host, repo, &target, &MANIFEST_TYPES, Some(digest), &what)
+            .await
+            .map(drop)
+    }
+
+    /// GETs a manifest, checks its digest (against `expected` when known),
+    /// stores it and links it to the repository.
+    async fn fetch_manifest(
+        &self,
+        host: &RegistryHost,
+        repo: &RepoName,
+        target: &Target,
+        accept: &[&str],
+        expected: Option<&Digest>,
+        what: &str,
+    ) -> Result<ManifestVariant, MirrorError> {
+        let resp = self
+            .upstreams
+            .fetch(host, repo, target, Method::GET, accept, None)
+            .await?;
+        check_status(resp.status(), what)?;
+        let content_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_owned());
+        let bad = |message: String| MirrorError::BadManifest {
+            what: what.to_owned(),
+            message,
+        };
+        let body = tokio::time::timeout(
+            BODY_IDLE_TIMEOUT,
+            Limited::new(resp.into_body(), MAX_MANIFEST_SIZE as usize).collect(),
+        )
+        .await
+        .map_err(|_| bad("the body did not arrive in time".into()))?
+        .map_err(|e| bad(e.to_string()))?
+        .to_bytes();
+        let digest = match expected {
+            Some(d) => {
+                let mut h = Hasher::new(d.algorithm());
+                h.update(&body);
+                let actual = h.finish();
+                if &actual != d {
+                    return Err(bad(format!("its bytes hash to {actual}, not {d}")));
+                }
+                actual
+            }
+            None => Digest::sha256_of(&body),
+        };
+        let media_type = manifest_media_type(content_type.as_deref(), &body)
+            .ok_or_else(|| bad("not a manifest media type this cache serves".into()))?;
+        // Parse it as what it claims to be; rejects schema 1 and mismatches.
+        manifest::children(&media_type, &body).map_err(|e| bad(e.to_string()))?;
+        let variant = ManifestVariant {
+            media_type: media_type.clone(),
+            digest: digest.clone(),
+            size: body.len() as u64,
+        };
+        let (h, r) = (host.clone(), repo.clone());
+        self.blocking(move |s| {
+            s.put_blob_bytes(&digest, &body)?;
+            s.link_manifest(&h, &r, &digest, &media_type)
+        })
+        .await?;
+        Ok(variant)
+    }
+
+    /// The download of `digest`: the one in flight, or a new one. Returns
+    /// once the upstream has answered, so a miss is a prompt error rather
+    /// than a stream that fails.
+    pub async fn blob(
+        self: &Arc<Self>,
+        host: &RegistryHost,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Arc<Download>, MirrorError> {
+        let download = {
+            let mut downloads = self
+                .downloads
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            match downloads.get(digest) {
+                Some(d) => Arc::clone(d),
+                None => {
+                    let (tx, rx) = watch::channel(Progress::Starting);
+                    let d = Arc::new(Download {
+                        digest: digest.clone(),
+                        file: Mutex::new(None),
+                        progress: rx,
+                    });
+                    downloads.insert(digest.clone(), Arc::clone(&d));
+                    let this = Arc::clone(self);
+                    let (host, repo, dl) = (host.clone(), repo.clone(), Arc::clone(&d));
+                    tokio::spawn(async move {
+                        let result = this.download(&host, &repo, &dl, &tx).await;
+                        let digest = dl.digest.clone();
+                        match result {
+                            Ok(size) => {
+                                tracing::info!(%digest, size, "blob cached from upstream");
+                                let _ = tx.send(Progress::Done { size });
+                            }
+                            Err(e) => {
+                                tracing::warn!(%digest, error = %e, "blob download failed");
+                                let _ = tx.send(Progress::Failed(e.to_string()));
+                            }
+                        }
+                        this.downloads
+                            .lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner())
+                            .remove(&digest);
+                    });
+                    d
+                }
+            }
+        };
+        download.size().await.map_err(|e| MirrorError::Download {
+            digest: digest.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(download)
+    }
+
+    /// The download task: upstream → temp file (verified) → cache.
+    async fn download(
+        &self,
+        host: &RegistryHost,
+        repo: &RepoName,
+        dl: &Download,
+        tx: &watch::Sender<Progress>,
+    ) -> Result<u64, MirrorError> {
+        let digest = &dl.digest;
+        let fail = |message: String| MirrorError::Download {
+            digest: digest.clone(),
+            message,
+        };
+        let target = Target::Blob(digest.clone());
+        let resp = self
+            .upstreams
+            .fetch(host, repo, &target, Method::GET, &[], None)
+            .await?;
+        check_status(resp.status(), &format!("blob {digest}"))?;
+        if resp.status() != StatusCode::OK {
+            return Err(fail(format!("unexpected status {}", resp.status())));
+        }
+        let total = content_length(&resp);
+        let store = Arc::clone(&self.store);
+        let alg = digest.algorithm();
+        let writer = tokio::task::spawn_blocking(move || store.blob_writer(alg)).await??;
+        let reader =
+            File::open(writer.path()).map_err(|e| fail(format!("opening the temp file: {e}")))?;
+        if let Ok(mut f) = dl.file.lock() {
+            *f = Some(Arc::new(reader));
+        }
+        let _ = tx.send(Progress::Running { written: 0, total });
+
+        let mut writer = writer;
+        let mut written: u64 = 0;
+        let mut body = resp.into_body();
+        let mut batch = BytesMut::with_capacity(WRITE_BATCH);
+        let mut resumes = 0;
+        loop {
+            let frame = tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame()).await;
+            let chunk: Option<Bytes> = match frame {
+                Ok(Some(Ok(f))) => match f.into_data() {
+                    Ok(data) => Some(data),
+                    Err(_) => continue, // trailers
+                },
+                Ok(None) => None,
+                Ok(Some(Err(e))) => {
+                    // Interrupted: resume from what we have, if the upstream can.
+                    let at = written + batch.len() as u64;
+                    match self.resume(host, repo, &target, at, &mut resumes).await {
+                        Some(b) => {
+                            tracing::info!(%digest, at, error = %e, "resuming an interrupted blob download");
+                            body = b;
+                            continue;
+                        }
+                        None => {
+                            return Err(fail(format!("upstream body failed after {at} bytes: {e}")))
+                        }
+                    }
+                }
+                Err(_) => {
+                    return Err(fail(format!(
+                        "upstream sent nothing for {BODY_IDLE_TIMEOUT:?}"
+                    )))
+                }
+            };
+            if let Some(data) = &chunk {
+                batch.extend_from_slice(data);
+                if let Some(t) = total {
+                    if written + batch.len() as u64 > t {
+                        return Err(fail(format!(
+                            "upstream sent more than its Content-Length {t}"
+                        )));
+                    }
+                }
+            }
+            if batch.len() >= WRITE_BATCH || (chunk.is_none() && !batch.is_empty()) {
+                let bytes = batch.split().freeze();
+                let n = bytes.len() as u64;
+                writer = tokio::task::spawn_blocking(move || {
+                    writer.write_all(&bytes)?;
+                    Ok::<_, StoreError>(writer)
+                })
+                .await??;
+                written += n;
+                let _ = tx.send(Progress::Running { written, total });
+            }
+            if chunk.is_none() {
+                break;
+            }
+        }
+        if let Some(t) = total {
+            if written != t {
+                return Err(fail(format!("upstream sent {written} of {t} bytes")));
+            }
+        }
+        let expected = digest.clone();
+        tokio::task::spawn_blocking(move || writer.finish(&expected, written)?.commit()).await??;
+        Ok(written)
+    }
+
+    async fn resume(
+        &self,
+        host: &RegistryHost,
+        repo: &RepoName,
+        target: &Target,
+        at: u64,
+        resumes: &mut usize,
+    ) -> Option<Incoming> {
+        if *resumes >= RESUME_ATTEMPTS {
+            return None;
+        }
+        *resumes += 1;
+        let resp = self
+            .upstreams
+            .fetch(host, repo, target, Method::GET, &[], Some(at))
+            .await
+            .ok()?;
+        let starts_at_offset = resp
+            .headers()
+            .get(header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("bytes "))
+            .and_then(|v| v.split('-').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            == Some(at);
+        (resp.status() == StatusCode::PARTIAL_CONTENT && starts_at_offset).then(|| resp.into_body())
+    }
+}
+
+/// The media type of a manifest: the upstream's `Content-Type` when it is a
+/// manifest type, else the body's own `mediaType`.
+fn manifest_media_type(content_type: Option<&str>, body: &[u8]) -> Option<String> {
+    let known = |t: &str| manifest::is_index(t) || manifest::is_image_manifest(t);
+    if let Some(t) = content_type.filter(|t| known(t)) {
+        return Some(t.to_owned());
+    }
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    let probe: Probe = serde_json::from_slice(body).ok()?;
+    probe.media_type.filter(|t| known(t))
+}
+
+fn check_status(status: StatusCode, what: &str) -> Result<(), MirrorError> {
+    if status.is_success() {
+        Ok(())
+    } else if status == StatusCode::NOT_FOUND {
+        Err(MirrorError::NotFound(what.to_owned()))
+    } else {
+        Err(MirrorError::Status {
+            status,
+            what: what.to_owned(),
+        })
+    }
+}
+
+fn content_length(resp: &http::Response<Incoming>) -> Option<u64> {
+    resp.headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// How far a download has got.
+#[derive(Clone, Debug)]
+pub enum Progress {
+    Starting,
+    Running { written: u64, total: Option<u64> },
+    Done { size: u64 },
+    Failed(String),
+}
+
+/// A blob arriving from upstream, readable while it arrives.
+pub struct Download {
+    pub digest: Digest,
+    /// A read handle on the temp file: stays valid after the rename into the
+    /// cache and after the file is removed on failure.
+    file: Mutex<Option<Arc<File>>>,
+    progress: watch::Receiver<Progress>,
+}
+
+fn failed(message: &str) -> io::Error {
+    io::Error::other(format!("upstream download failed: {message}"))
+}
+
+impl Download {
+    /// The blob's size once the upstream has said (`None`: it did not).
+    pub async fn size(&self) -> io::Result<Option<u64>> {
+        let mut rx = self.progress.clone();
+        let state = rx
+            .wait_for(|p| !matches!(p, Progress::Starting))
+            .await
+            .map_err(|_| failed("the download task ended"))?
+            .clone();
+        match state {
+            Progress::Running { total, .. } => Ok(total),
+            Progress::Done { size } => Ok(Some(size)),
+            Progress::Failed(m) => Err(failed(&m)),
+            Progress::Starting => Err(failed("the download task ended")),
+        }
+    }
+
+    /// Waits until bytes past `offset` have arrived and returns how far they
+    /// go, or `None` at the end of a complete blob. A failed download is an
+    /// error, so readers abort rather than end early.
+    pub async fn available(&self, offset: u64) -> io::Result<Option<u64>> {
+        let mut rx = self.progress.clone();
+        let state = rx
+            .wait_for(|p| match p {
+                Progress::Running { written, .. } => *written > offset,
+                Progress::Done { .. } | Progress::Failed(_) => true,
+                Progress::Starting => false,
+            })
+            .await
+            .map_err(|_| failed("the download task ended"))?
+            .clone();
+        match state {
+            Progress::Running { written, .. } => Ok(Some(written)),
+            Progress::Done { size } => Ok((offset < size).then_some(size)),
+            Progress::Failed(m) => Err(failed(&m)),
+            Progress::Starting => Err(failed("the download task ended")),
+        }
+    }
+
+    /// Reads arrived bytes (blocking); call [`Download::available`] first.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let file = self
+            .file
+            .lock()
+            .ok()
+            .and_then(|f| f.clone())
+            .ok_or_else(|| failed("no data yet"))?;
+        crate::store::read_full_at(&file, offset, buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_type_comes_from_the_header_or_the_body() {
+        let body = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+        assert_eq!(
+            manifest_media_type(Some("application/json"), body).as_deref(),
+            Some(manifest::OCI_INDEX)
+        );
+        assert_eq!(
+            manifest_media_type(Some(manifest::DOCKER_MANIFEST), b"{}").as_deref(),
+            Some(manifest::DOCKER_MANIFEST)
+        );
+        assert_eq!(manifest_media_type(Some("text/html"), b"<html>"), None);
+    }
+
+    #[tokio::test]
+    async fn readers_follow_a_download_and_fail_with_it() {
+        let (tx, rx) = watch::channel(Progress::Starting);
+        let dl = Arc::new(Download {
+            digest: Digest::sha256_of(b""),
+            file: Mutex::new(None),
+            progress: rx,
+        });
+        let reader = {
+            let dl = Arc::clone(&dl);
+            tokio::spawn(async move { dl.available(10).await })
+        };
+        tx.send(Progress::Running {
+            written: 5,
+            total: Some(20),
+        })
+        .expect("send");
+        assert_eq!(dl.size().await.expect("size"), Some(20));
+        tx.send(Progress::Running {
+            written: 15,
+            total: Some(20),
+        })
+        .expect("send");
+        assert_eq!(reader.await.expect("join").expect("available"), Some(15));
+        tx.send(Progress::Failed("digest mismatch".into()))
+            .expect("send");
+        assert!(
+            dl.available(15).await.is_err(),
+            "a failed download must not look complete"
+        );
+    }
+}
