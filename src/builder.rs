@@ -26,6 +26,7 @@ use crate::digest::{Algorithm, Digest};
 use crate::image::{self, ImageError, ImageLayer, ImageSpec, Platform};
 use crate::layers::{self, Compression, LayerError, LayerGroup, LayerInfo, Popularity};
 use crate::manifest::{DOCKER_MANIFEST, OCI_MANIFEST};
+use crate::metrics::{self, METRICS};
 use crate::nix::{ImageName, ImageNameError, Nix, NixConfig, NixError, PkgSource};
 use crate::reference::{RegistryHost, RepoName, Tag};
 use crate::store::{ManifestVariant, RecordKind, Store, StoreError};
@@ -290,14 +291,22 @@ impl NixImages {
         let _slot = self.builds.acquire().await.ok();
         let this = Arc::clone(self);
         let key = key.clone();
+        let started = Instant::now();
         let result =
             tokio::task::spawn_blocking(move || this.build_blocking(&key, &name, &source, false))
                 .await;
-        match result {
+        METRICS.nix_build_duration.observe(started.elapsed());
+        let outcome = match result {
             Ok(Ok(report)) => Ok(report.record),
             Ok(Err(e)) => Err(Arc::new(e)),
             Err(e) => Err(Arc::new(e.into())),
-        }
+        };
+        let counter = match &outcome {
+            Ok(_) => &METRICS.nix_builds,
+            Err(_) => &METRICS.nix_build_failures,
+        };
+        metrics::add(counter, 1);
+        outcome
     }
 
     /// Builds `packages` (for `tag`) into the cache, blocking: the daemon's

@@ -29,6 +29,7 @@ use tokio::sync::Semaphore;
 use crate::builder::BuildError;
 use crate::chunks::ChunkPool;
 use crate::digest::Digest;
+use crate::metrics::{self, METRICS};
 use crate::mirror::Download;
 use crate::nix::NixError;
 use crate::reference::{NameError, Reference, RegistryHost, RepoName};
@@ -318,6 +319,15 @@ async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let mut ns_echo = None;
+    let route_label = match route(&path) {
+        Some(Route::Ping) => "ping",
+        Some(Route::Manifest { .. }) => "manifest",
+        Some(Route::Blob { .. }) => "blob",
+        Some(Route::Upload) => "upload",
+        Some(Route::Tags { .. }) => "tags",
+        None if path == "/metrics" => "metrics",
+        None => "other",
+    };
     let mut response = match dispatch(app, &req, &mut ns_echo).await {
         Ok(r) => r,
         Err(e) => error_response(e),
@@ -333,6 +343,11 @@ async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
         // Headers only; Content-Length stays that of the GET.
         *response.body_mut() = empty();
     }
+    METRICS.request(
+        route_label,
+        method_label(&method),
+        response.status().as_u16(),
+    );
     tracing::debug!(%method, %path, status = response.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "request");
     response
 }
@@ -342,6 +357,15 @@ async fn dispatch(
     req: &Request<Incoming>,
     ns_echo: &mut Option<RegistryHost>,
 ) -> Result<Response<Body>, ApiError> {
+    if req.uri().path() == "/metrics" && req.method() == Method::GET {
+        let bytes = app.registry.cache_bytes().await?;
+        let mut resp = Response::new(full(Bytes::from(METRICS.render(bytes))));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        return Ok(resp);
+    }
     let Some(route) = route(req.uri().path()) else {
         return Err(ApiError::unsupported_route());
     };
@@ -574,6 +598,7 @@ fn download_stream(pool: Arc<ChunkPool>, dl: Arc<Download>, start: u64, end: u64
             .await;
             match read {
                 Ok(Ok(bytes)) if !bytes.is_empty() => {
+                    metrics::add(&METRICS.bytes_served, bytes.len() as u64);
                     let next = offset + bytes.len() as u64;
                     Some((Ok(bytes), (pool, dl, next, end)))
                 }
@@ -628,11 +653,24 @@ fn blob_stream(pool: Arc<ChunkPool>, file: Arc<BlobFile>, start: u64, end: u64) 
                 Ok(Err(e)) => return Some((Err(e), (pool, file, end, end, None))),
                 Err(e) => return Some((Err(io::Error::other(e)), (pool, file, end, end, None))),
             };
+            metrics::add(&METRICS.bytes_served, chunk.len() as u64);
             let next_offset = offset + chunk.len() as u64;
             let next = read(&pool, &file, next_offset, end);
             Some((Ok(chunk), (pool, file, next_offset, end, next)))
         });
     BodyExt::boxed_unsync(StreamBody::new(stream.map_ok(Frame::data)))
+}
+
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        _ => "OTHER",
+    }
 }
 
 fn error_response(e: ApiError) -> Response<Body> {

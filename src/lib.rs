@@ -11,6 +11,7 @@ pub mod image;
 pub mod import;
 pub mod layers;
 pub mod manifest;
+pub mod metrics;
 pub mod mirror;
 pub mod nix;
 pub mod reference;

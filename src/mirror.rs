@@ -27,6 +27,7 @@ use tokio::sync::watch;
 
 use crate::digest::{Digest, Hasher};
 use crate::manifest;
+use crate::metrics::{self, METRICS};
 use crate::reference::{RegistryHost, RepoName, Tag};
 use crate::registry::Accept;
 use crate::store::{ManifestVariant, Store, StoreError, TagRecord, MAX_MANIFEST_SIZE};
@@ -268,6 +269,7 @@ impl Mirror {
             .ok_or_else(|| bad("not a manifest media type this cache serves".into()))?;
         // Parse it as what it claims to be; rejects schema 1 and mismatches.
         manifest::children(&media_type, &body).map_err(|e| bad(e.to_string()))?;
+        metrics::add(&METRICS.manifest_fetches, 1);
         let variant = ManifestVariant {
             media_type: media_type.clone(),
             digest: digest.clone(),
@@ -422,6 +424,7 @@ impl Mirror {
                 })
                 .await??;
                 written += n;
+                metrics::add(&METRICS.bytes_fetched, n);
                 let _ = tx.send(Progress::Running { written, total });
             }
             if chunk.is_none() {

@@ -11,6 +11,7 @@ use bytes::Bytes;
 
 use crate::builder::{BuildError, NixImages};
 use crate::digest::Digest;
+use crate::metrics::{self, METRICS};
 use crate::mirror::{Download, Mirror, MirrorError};
 use crate::reference::{Reference, RegistryHost, RepoName};
 use crate::store::{BlobFile, Store, StoreError, TagRecord};
@@ -262,6 +263,7 @@ impl Registry {
     ) -> Result<Blob, RegistryError> {
         let d = digest.clone();
         if let Some(file) = self.blocking(move |store| Ok(store.open_blob(&d)?)).await? {
+            metrics::add(&METRICS.blob_hits, 1);
             return Ok(Blob {
                 size: Some(file.len()),
                 source: BlobSource::Stored(Arc::new(file)),
@@ -271,6 +273,7 @@ impl Registry {
         let Some(mirror) = &self.mirror else {
             return Err(RegistryError::BlobUnknown(digest));
         };
+        metrics::add(&METRICS.blob_misses, 1);
         let download = mirror
             .blob(&host, &repo, &digest)
             .await
@@ -286,6 +289,11 @@ impl Registry {
             digest,
             size,
         })
+    }
+
+    /// Bytes of blobs in the cache, for `/metrics`.
+    pub async fn cache_bytes(&self) -> Result<u64, RegistryError> {
+        self.blocking(|store| Ok(store.blob_bytes()?)).await
     }
 
     /// The repository's tags in lexical order, `n` at most, after `last`.

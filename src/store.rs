@@ -218,6 +218,26 @@ impl Store {
         Ok(Some(Bytes::from(buf)))
     }
 
+    /// The total size of all blobs.
+    pub fn blob_bytes(&self) -> Result<u64, StoreError> {
+        let mut total = 0;
+        let blobs = self.root.join("blobs");
+        let algs = match fs::read_dir(&blobs) {
+            Ok(a) => a,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_err("read", &blobs)(e)),
+        };
+        for alg in algs {
+            let dir = alg.map_err(io_err("read", &blobs))?.path();
+            for entry in fs::read_dir(&dir).map_err(io_err("read", &dir))? {
+                if let Ok(meta) = entry.map_err(io_err("read", &dir))?.metadata() {
+                    total += meta.len();
+                }
+            }
+        }
+        Ok(total)
+    }
+
     /// Where Nix GC roots for cached Nix images live.
     pub fn gcroots_dir(&self) -> PathBuf {
         self.root.join("gcroots")

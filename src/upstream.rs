@@ -37,6 +37,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
 use crate::digest::Digest;
+use crate::metrics::{self, METRICS};
 use crate::reference::{RegistryHost, RepoName, DOCKER_HUB};
 
 /// Redirects followed per request (blobs are often one hop to a CDN).
@@ -540,22 +541,29 @@ impl Upstreams {
                 .map_err(|e| UpstreamError::Url(e.to_string()))?;
             let client = self.client_for(host, &uri, trusted)?;
             let shown = uri.to_string();
+            let sent = Instant::now();
             let resp = match tokio::time::timeout(self.settings.timeout, client.request(req)).await
             {
                 Err(_) => {
+                    metrics::add(&METRICS.upstream_errors, 1);
                     return Err(UpstreamError::Timeout {
                         url: shown,
                         after: self.settings.timeout,
-                    })
+                    });
                 }
                 Ok(Err(e)) => {
+                    metrics::add(&METRICS.upstream_errors, 1);
                     return Err(UpstreamError::Request {
                         url: shown,
                         message: error_chain(&e),
-                    })
+                    });
                 }
                 Ok(Ok(r)) => r,
             };
+            METRICS.upstream_latency.observe(sent.elapsed());
+            if resp.status().is_server_error() {
+                metrics::add(&METRICS.upstream_errors, 1);
+            }
             tracing::debug!(url = %shown, status = resp.status().as_u16(), "upstream");
             if !resp.status().is_redirection() {
                 return Ok(resp);
