@@ -321,11 +321,11 @@ impl NixImages {
         let source = self.settings.source.for_tag(tag);
         let key = self.request_key(&name, &source);
         let mut report = self.build_blocking(&key, &name, &source, progress)?;
-        let others: Vec<NixImageRecord> = self.store.records(RecordKind::NixImage)?;
+        let others: Vec<(Digest, NixImageRecord)> = self.store.records(RecordKind::NixImage)?;
         for layer in &mut report.layers {
             layer.shared_with = others
                 .iter()
-                .filter(|r| r.name != report.record.name && r.layers.contains(&layer.digest))
+                .filter(|(_, r)| r.name != report.record.name && r.layers.contains(&layer.digest))
                 .count();
         }
         Ok(report)

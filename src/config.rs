@@ -39,6 +39,8 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("{0}")]
     Nix(String),
+    #[error("invalid size {0:?}: use bytes or a number with kB, MB, GB, KiB, MiB, GiB …")]
+    Size(String),
     // Never echoes a credential: messages name the host only.
     #[error("{0}")]
     Upstream(String),
@@ -74,6 +76,12 @@ pub struct Options {
     /// [default: 1024].
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+
+    /// Most bytes of blobs the cache keeps; least recently used images are
+    /// evicted beyond it (e.g. 500MB, 20GiB) [default: a quarter of the
+    /// filesystem holding the state dir].
+    #[arg(long, value_name = "SIZE")]
+    pub max_cache_size: Option<String>,
 
     /// Nix package set: a file or directory that, imported and called with
     /// `{}`, yields an attribute set of packages (a nixpkgs checkout, say)
@@ -227,6 +235,7 @@ impl Options {
             nix_timeout: self.nix_timeout.or(file.nix_timeout),
             nix_option: or_vec(self.nix_option, file.nix_option),
             popularity: self.popularity.or(file.popularity),
+            max_cache_size: self.max_cache_size.or(file.max_cache_size),
             upstream: or_vec(self.upstream, file.upstream),
             upstream_ca: or_vec(self.upstream_ca, file.upstream_ca),
             credential: or_vec(self.credential, file.credential),
@@ -240,6 +249,11 @@ impl Options {
         let nix = self.nix_settings()?;
         let upstream = self.upstream_settings()?;
         let tag_ttl = Duration::from_secs(self.tag_ttl.unwrap_or(60));
+        let max_cache_bytes = self
+            .max_cache_size
+            .as_deref()
+            .map(|s| parse_size(s).ok_or_else(|| ConfigError::Size(s.to_owned())))
+            .transpose()?;
         let listen = self.listen.unwrap_or(DEFAULT_LISTEN);
         let state_dir = match self.state_dir {
             Some(d) => d,
@@ -267,6 +281,7 @@ impl Options {
             nix,
             upstream,
             tag_ttl,
+            max_cache_bytes,
         })
     }
 
@@ -442,6 +457,33 @@ pub struct Settings {
     pub nix: NixSettings,
     pub upstream: UpstreamSettings,
     pub tag_ttl: Duration,
+    /// `None`: decided from the filesystem at startup.
+    pub max_cache_bytes: Option<u64>,
+}
+
+/// Parses a size: plain bytes, or a number with a unit (`kB`, `MB`, `GB`,
+/// `TB` in powers of 1000; `KiB`, `MiB`, `GiB`, `TiB` in powers of 1024).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num.parse().ok()?;
+    let factor: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    let bytes = num * factor;
+    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
 }
 
 /// systemd tells a service its directories (`StateDirectory=`,
@@ -484,6 +526,16 @@ mod tests {
         assert_eq!(s.header_timeout, Duration::from_secs(3));
         assert_eq!(s.default_registry.as_str(), "docker.io");
         assert_eq!(s.max_connections, DEFAULT_MAX_CONNECTIONS);
+    }
+
+    #[test]
+    fn sizes_take_decimal_and_binary_units() {
+        assert_eq!(parse_size("1000"), Some(1000));
+        assert_eq!(parse_size("500MB"), Some(500_000_000));
+        assert_eq!(parse_size("10GiB"), Some(10 << 30));
+        assert_eq!(parse_size("1.5 kB"), Some(1500));
+        assert_eq!(parse_size("12 parsecs"), None);
+        assert_eq!(parse_size("-1"), None);
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod builder;
 pub mod chunks;
 pub mod config;
 pub mod digest;
+pub mod gc;
 pub mod http;
 pub mod image;
 pub mod import;

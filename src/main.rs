@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 use nixery_local::builder::NixImages;
 use nixery_local::config::{ConfigError, Options, Settings};
+use nixery_local::gc::{self, Usage};
 use nixery_local::http::{self, ServerOptions};
 use nixery_local::mirror::Mirror;
 use nixery_local::reference::{ImageRef, RepoName, Tag};
@@ -70,6 +71,21 @@ enum Command {
         /// `nix.local/NAME[:TAG]`, e.g. `shell/git/htop` or `hello:latest`.
         name: String,
     },
+    /// Evict least recently used images until the cache is within
+    /// --max-cache-size, and delete blobs nothing needs.
+    Gc {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        options: Options,
+    },
+    /// List the cached images: registry, repository, tag, digest, size, last use.
+    Ls {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        options: Options,
+    },
     /// Point a container client at the daemon by writing its mirror config.
     Setup {
         #[command(subcommand)]
@@ -127,6 +143,14 @@ fn main() -> ExitCode {
             name,
         } => match settings(config, options) {
             Ok(s) => build(&s, &name),
+            Err(e) => return usage_error(&e.to_string()),
+        },
+        Command::Gc { config, options } => match settings(config, options) {
+            Ok(s) => collect_now(&s),
+            Err(e) => return usage_error(&e.to_string()),
+        },
+        Command::Ls { config, options } => match settings(config, options) {
+            Ok(s) => list(&s),
             Err(e) => return usage_error(&e.to_string()),
         },
         Command::Setup { client } => {
@@ -251,10 +275,18 @@ fn serve(settings: Settings, upstreams: Upstreams) -> anyhow::Result<()> {
         let store = Arc::new(open_store(&settings)?);
         let nix = Arc::new(NixImages::new(Arc::clone(&store), settings.nix.clone()));
         let mirror = Arc::new(Mirror::new(Arc::clone(&store), upstreams, settings.tag_ttl));
+        let usage = Arc::new(Usage::load(&store).context("reading cache access times")?);
+        let max_bytes = max_cache_bytes(&settings);
+        let collector = tokio::spawn(collect_periodically(
+            Arc::clone(&store),
+            Arc::clone(&usage),
+            max_bytes,
+        ));
         let registry = Arc::new(
-            Registry::new(store, settings.default_registry.clone())
+            Registry::new(Arc::clone(&store), settings.default_registry.clone())
                 .with_nix(nix)
-                .with_mirror(mirror),
+                .with_mirror(mirror)
+                .with_usage(Arc::clone(&usage)),
         );
         let listener = match inherited {
             Some(listener) => {
@@ -291,8 +323,106 @@ fn serve(settings: Settings, upstreams: Upstreams) -> anyhow::Result<()> {
             }
         };
         http::serve(listener, registry, options, shutdown).await;
+        collector.abort();
+        if let Err(e) = usage.save(&store) {
+            tracing::warn!(error = %e, "cannot save cache access times");
+        }
         Ok(())
     })
+}
+
+/// How often the collector checks the cache size and saves access times.
+const GC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
+
+fn max_cache_bytes(settings: &Settings) -> u64 {
+    settings
+        .max_cache_bytes
+        .or_else(|| gc::default_max_bytes(&settings.state_dir))
+        .unwrap_or(u64::MAX)
+}
+
+/// Keeps the cache under its limit: at start, then every [`GC_INTERVAL`].
+async fn collect_periodically(store: Arc<Store>, usage: Arc<Usage>, max_bytes: u64) {
+    let mut tick = tokio::time::interval(GC_INTERVAL);
+    loop {
+        tick.tick().await;
+        let (store, usage) = (Arc::clone(&store), Arc::clone(&usage));
+        let run = tokio::task::spawn_blocking(move || {
+            usage.save(&store)?;
+            gc::collect(&store, max_bytes, &usage.snapshot(), gc::MIN_AGE)
+        })
+        .await;
+        match run {
+            Ok(Ok(r)) if !r.evicted.is_empty() || r.deleted_blobs > 0 => tracing::info!(
+                evicted = r.evicted.len(),
+                deleted_blobs = r.deleted_blobs,
+                freed_bytes = r.freed_bytes,
+                size = r.size_after,
+                limit = max_bytes,
+                "cache collected"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cache collection failed"),
+            Err(e) => tracing::warn!(error = %e, "cache collection task failed"),
+        }
+    }
+}
+
+fn collect_now(settings: &Settings) -> anyhow::Result<()> {
+    let store = open_store(settings)?;
+    let usage = Usage::load(&store).context("reading cache access times")?;
+    let max = max_cache_bytes(settings);
+    let r =
+        gc::collect(&store, max, &usage.snapshot(), gc::MIN_AGE).context("collecting the cache")?;
+    for image in &r.evicted {
+        println!("evicted {image}");
+    }
+    println!(
+        "cache: {} bytes before, {} after (limit {max}); {} blobs deleted, {} bytes freed",
+        r.size_before, r.size_after, r.deleted_blobs, r.freed_bytes
+    );
+    Ok(())
+}
+
+fn list(settings: &Settings) -> anyhow::Result<()> {
+    let store = open_store(settings)?;
+    let usage = Usage::load(&store).context("reading cache access times")?;
+    let images = gc::images(&store, &usage.snapshot()).context("listing the cache")?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<60} {:<19} {:>14}  last used",
+        "image", "digest", "bytes"
+    )?;
+    for img in images.iter().rev() {
+        let digest = img
+            .manifests
+            .first()
+            .map(|m| format!("{}", m.digest))
+            .unwrap_or_default();
+        let short = digest.get(..19).unwrap_or(&digest);
+        let ago = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            .saturating_sub(img.last_used);
+        writeln!(
+            out,
+            "{:<60} {short:<19} {:>14}  {} ago",
+            img.id.to_string(),
+            img.size,
+            human_age(ago)
+        )?;
+    }
+    Ok(())
+}
+
+fn human_age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
 }
 
 async fn shutdown_signal() {

@@ -11,6 +11,7 @@ use bytes::Bytes;
 
 use crate::builder::{BuildError, NixImages};
 use crate::digest::Digest;
+use crate::gc::Usage;
 use crate::metrics::{self, METRICS};
 use crate::mirror::{Download, Mirror, MirrorError};
 use crate::reference::{Reference, RegistryHost, RepoName};
@@ -111,6 +112,7 @@ pub struct Registry {
     default_host: RegistryHost,
     nix: Option<Arc<NixImages>>,
     mirror: Option<Arc<Mirror>>,
+    usage: Arc<Usage>,
 }
 
 impl Registry {
@@ -120,7 +122,14 @@ impl Registry {
             default_host,
             nix: None,
             mirror: None,
+            usage: Arc::new(Usage::default()),
         }
+    }
+
+    /// Records when manifests are served, for least-recently-used eviction.
+    pub fn with_usage(mut self, usage: Arc<Usage>) -> Registry {
+        self.usage = usage;
+        self
     }
 
     /// Fills misses from upstream registries.
@@ -250,6 +259,7 @@ impl Registry {
             })
         })
         .await
+        .inspect(|m| self.usage.touch(&m.digest))
     }
 
     /// A blob by digest. Blobs are content-addressed and shared by every

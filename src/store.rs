@@ -8,6 +8,7 @@
 //! repos/<host>/<repo>/_manifests/revisions/<alg>/<hex> media type of a manifest the repo holds
 //! repos/<host>/<repo>/_manifests/tags/<tag>           JSON TagRecord
 //! records/<kind>/<hex>                                 small JSON records keyed by a digest
+//! usage.json                                          when each manifest was last served
 //! gcroots/                                            Nix GC roots of cached Nix images
 //! tmp/<pid>.<n>                                       files being written
 //! ```
@@ -21,6 +22,7 @@
 //! The store is synchronous: callers on the async runtime use
 //! `spawn_blocking` (see [`crate::registry`]).
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -71,6 +73,17 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Sto
         path: path.to_owned(),
         source,
     }
+}
+
+/// A tag found by [`Store::all_tags`].
+#[derive(Clone, Debug)]
+pub struct TagEntry {
+    pub host: RegistryHost,
+    pub repo: RepoName,
+    pub tag: Tag,
+    pub record: TagRecord,
+    /// When the tag was last written, seconds since the epoch.
+    pub modified: u64,
 }
 
 /// Kinds of small records the store keeps besides blobs and tags.
@@ -218,6 +231,147 @@ impl Store {
         Ok(Some(Bytes::from(buf)))
     }
 
+    /// Every tag in the cache: host, repository, tag, its record and when the
+    /// record was written.
+    pub fn all_tags(&self) -> Result<Vec<TagEntry>, StoreError> {
+        let mut out = Vec::new();
+        let repos = self.root.join("repos");
+        let hosts = match fs::read_dir(&repos) {
+            Ok(h) => h,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io_err("read", &repos)(e)),
+        };
+        for host in hosts {
+            let host_dir = host.map_err(io_err("read", &repos))?.path();
+            let Some(host) = host_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse::<RegistryHost>().ok())
+            else {
+                continue;
+            };
+            self.walk_repos(&host, &host_dir, &mut Vec::new(), &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn walk_repos(
+        &self,
+        host: &RegistryHost,
+        dir: &Path,
+        components: &mut Vec<String>,
+        out: &mut Vec<TagEntry>,
+    ) -> Result<(), StoreError> {
+        for entry in fs::read_dir(dir).map_err(io_err("read", dir))? {
+            let path = entry.map_err(io_err("read", dir))?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+                continue;
+            };
+            if !path.is_dir() {
+                continue;
+            }
+            if name == "_manifests" {
+                let Ok(repo) = components.join("/").parse::<RepoName>() else {
+                    continue;
+                };
+                let tags_dir = path.join("tags");
+                let Ok(tags) = fs::read_dir(&tags_dir) else {
+                    continue;
+                };
+                for t in tags {
+                    let t = t.map_err(io_err("read", &tags_dir))?;
+                    let Some(tag) = t.file_name().to_str().and_then(|n| n.parse::<Tag>().ok())
+                    else {
+                        continue;
+                    };
+                    let modified = t
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_secs());
+                    if let Some(record) = self.tag(host, &repo, &tag)? {
+                        out.push(TagEntry {
+                            host: host.clone(),
+                            repo: repo.clone(),
+                            tag,
+                            record,
+                            modified,
+                        });
+                    }
+                }
+            } else {
+                components.push(name);
+                self.walk_repos(host, &path, components, out)?;
+                components.pop();
+            }
+        }
+        Ok(())
+    }
+
+    pub fn remove_tag(
+        &self,
+        host: &RegistryHost,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<(), StoreError> {
+        remove_if_present(&self.tag_path(host, repo, tag))
+    }
+
+    pub fn unlink_manifest(
+        &self,
+        host: &RegistryHost,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<(), StoreError> {
+        remove_if_present(&self.revision_path(host, repo, digest))
+    }
+
+    /// Removes a blob. Readers that have it open keep reading their copy.
+    pub fn remove_blob(&self, digest: &Digest) -> Result<(), StoreError> {
+        remove_if_present(&self.blob_path(digest))
+    }
+
+    pub fn remove_record(&self, kind: RecordKind, key: &Digest) -> Result<(), StoreError> {
+        remove_if_present(&self.record_path(kind, key))
+    }
+
+    /// Every blob with its size and modification time (seconds since the epoch).
+    pub fn all_blobs(&self) -> Result<Vec<(Digest, u64, u64)>, StoreError> {
+        let mut out = Vec::new();
+        let blobs = self.root.join("blobs");
+        let algs = match fs::read_dir(&blobs) {
+            Ok(a) => a,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(io_err("read", &blobs)(e)),
+        };
+        for alg in algs {
+            let dir = alg.map_err(io_err("read", &blobs))?.path();
+            let Some(alg_name) = dir.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+                continue;
+            };
+            for entry in fs::read_dir(&dir).map_err(io_err("read", &dir))? {
+                let entry = entry.map_err(io_err("read", &dir))?;
+                let Some(digest) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|hex| format!("{alg_name}:{hex}").parse::<Digest>().ok())
+                else {
+                    continue;
+                };
+                if let Ok(meta) = entry.metadata() {
+                    let mtime = meta
+                        .modified()
+                        .ok()
+                        .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_secs());
+                    out.push((digest, meta.len(), mtime));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The total size of all blobs.
     pub fn blob_bytes(&self) -> Result<u64, StoreError> {
         let mut total = 0;
@@ -236,6 +390,27 @@ impl Store {
             }
         }
         Ok(total)
+    }
+
+    /// When each manifest was last served (seconds since the epoch), as saved
+    /// by [`Store::save_usage`].
+    pub fn load_usage(&self) -> Result<HashMap<Digest, u64>, StoreError> {
+        let path = self.root.join("usage.json");
+        match fs::read(&path) {
+            // A damaged file only loses access times; start afresh.
+            Ok(bytes) => Ok(serde_json::from_slice(&bytes).unwrap_or_default()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(HashMap::new()),
+            Err(e) => Err(io_err("read", &path)(e)),
+        }
+    }
+
+    pub fn save_usage(&self, usage: &HashMap<Digest, u64>) -> Result<(), StoreError> {
+        let path = self.root.join("usage.json");
+        let json = serde_json::to_vec(usage).map_err(|source| StoreError::CorruptRecord {
+            path: path.clone(),
+            source,
+        })?;
+        self.write_atomic(&path, &json)
     }
 
     /// Where Nix GC roots for cached Nix images live.
@@ -262,11 +437,11 @@ impl Store {
         }
     }
 
-    /// Every readable record of `kind` (unreadable ones are skipped).
+    /// Every readable record of `kind` with its key (unreadable ones are skipped).
     pub fn records<T: serde::de::DeserializeOwned>(
         &self,
         kind: RecordKind,
-    ) -> Result<Vec<T>, StoreError> {
+    ) -> Result<Vec<(Digest, T)>, StoreError> {
         let dir = self.root.join("records").join(kind.dir());
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
@@ -276,9 +451,13 @@ impl Store {
         let mut out = Vec::new();
         for entry in entries {
             let path = entry.map_err(io_err("read", &dir))?.path();
-            if let Ok(bytes) = fs::read(&path) {
+            let key = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|hex| format!("sha256:{hex}").parse::<Digest>().ok());
+            if let (Some(key), Ok(bytes)) = (key, fs::read(&path)) {
                 if let Ok(v) = serde_json::from_slice(&bytes) {
-                    out.push(v);
+                    out.push((key, v));
                 }
             }
         }
@@ -459,6 +638,14 @@ pub fn read_full_at(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<usiz
         }
     }
     Ok(filled)
+}
+
+fn remove_if_present(path: &Path) -> Result<(), StoreError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("remove", path)(e)),
+    }
 }
 
 /// Moves `from` over `to` and fsyncs the directory so the rename survives a crash.
