@@ -1439,3 +1439,153 @@ pub fn skopeo_push(image: &TestImage, dest: &str) {
     let out = skopeo(&["copy", "--all", "--dest-tls-verify=false", &src, dest]);
     assert_success(&format!("skopeo copy {src} {dest}"), &out);
 }
+
+// ---------------------------------------------------------------------------
+// Daemons with a captured log and their own environment (Nix image tests)
+// ---------------------------------------------------------------------------
+
+/// The stderr lines of a daemon started with [`Daemon::start_logged`] or
+/// [`Daemon::start_in_logged`], kept for assertions (and still forwarded to
+/// the test's stderr).
+#[derive(Clone, Default)]
+pub struct DaemonLog(std::sync::Arc<Mutex<Vec<String>>>);
+
+impl DaemonLog {
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Every line, joined, for assertion messages.
+    pub fn text(&self) -> String {
+        self.lines().join("\n")
+    }
+
+    /// How many lines contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits until at least `n` lines contain `needle`; false on timeout.
+    pub fn wait_for(&self, needle: &str, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.count(needle) >= n {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn push(&self, line: String) {
+        self.0.lock().unwrap().push(line);
+    }
+}
+
+impl Daemon {
+    /// Like [`Daemon::start`], also returning the daemon's captured stderr;
+    /// `env` is added to the daemon's environment.
+    pub fn start_logged(extra_args: &[&str], env: &[(&str, &str)]) -> (Daemon, DaemonLog) {
+        let tmp = tempfile::Builder::new()
+            .prefix("nl-state")
+            .tempdir()
+            .expect("tempdir");
+        let (mut d, log) = Daemon::start_in_logged(tmp.path(), extra_args, env);
+        d._tmp = Some(tmp);
+        (d, log)
+    }
+
+    /// Like [`Daemon::start_in`], also returning the daemon's captured
+    /// stderr; `env` is added to the daemon's environment (e.g. a `PATH`
+    /// without Nix).
+    pub fn start_in_logged(
+        state_dir: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> (Daemon, DaemonLog) {
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state_dir)
+            .args(extra_args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = spawn_tied(cmd).expect("spawn nixery-local serve");
+        let log = DaemonLog::default();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[daemon] {line}");
+                sink.push(line);
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[daemon stdout] {line}");
+                if line.starts_with("nixery-local listening on ") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(line);
+                    }
+                }
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) => line,
+            Err(e) => {
+                let _ = child.kill();
+                let status = child.wait();
+                panic!(
+                    "daemon never printed its listening line ({e:?}); exit: {status:?}\n{}",
+                    log.text()
+                );
+            }
+        };
+        let addr: SocketAddr = line
+            .strip_prefix("nixery-local listening on http://")
+            .map(|u| u.trim_end_matches('/'))
+            .and_then(|u| u.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected listening line {line:?}"));
+        assert!(addr.ip().is_loopback(), "daemon bound {addr}");
+        (
+            Daemon {
+                addr,
+                state_dir: state_dir.to_path_buf(),
+                _tmp: None,
+                child: Some(child),
+            },
+            log,
+        )
+    }
+}
+
+impl Containerd {
+    /// `ctr run --rm REF ID ARGS…` (the image's own command when `args` is
+    /// empty) with a machine-unique ID, as [`Containerd::run`].
+    pub fn run_args(&self, reference: &str, args: &[&str]) -> Output {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir_name = self.dir.path().file_name().unwrap().to_string_lossy();
+        let id = format!("{dir_name}-a{}", N.fetch_add(1, Ordering::Relaxed));
+        let mut v = vec!["run", "--rm", reference, &id];
+        v.extend_from_slice(args);
+        self.ctr(&v)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Upstream registries for the pull-through mirror tests
+// ---------------------------------------------------------------------------
+
