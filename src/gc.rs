@@ -33,18 +33,22 @@ fn now_secs() -> u64 {
 #[derive(Default)]
 pub struct Usage {
     last: Mutex<HashMap<Digest, u64>>,
+    /// Whether anything was touched since the last save.
+    dirty: std::sync::atomic::AtomicBool,
 }
 
 impl Usage {
     pub fn load(store: &Store) -> Result<Usage, StoreError> {
         Ok(Usage {
             last: Mutex::new(store.load_usage()?),
+            dirty: Default::default(),
         })
     }
 
     pub fn touch(&self, digest: &Digest) {
         if let Ok(mut last) = self.last.lock() {
             last.insert(digest.clone(), now_secs());
+            self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -52,8 +56,15 @@ impl Usage {
         self.last.lock().map(|l| l.clone()).unwrap_or_default()
     }
 
+    /// Saves the access times if they changed since the last save.
     pub fn save(&self, store: &Store) -> Result<(), StoreError> {
-        store.save_usage(&self.snapshot())
+        if self.dirty.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            if let Err(e) = store.save_usage(&self.snapshot()) {
+                self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 }
 

@@ -17,6 +17,7 @@ packages=(
     nix-bin              # builds the tests' package set for Nix images
     busybox-static       # the one binary in the test images and package set
     systemd              # systemd-analyze verifies the units
+    adduser binutils dpkg-dev  # the .deb: its Depends, strip, dpkg-shlibdeps
     curl jq ca-certificates
 )
 missing=()
