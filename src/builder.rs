@@ -291,6 +291,7 @@ impl NixImages {
         let _slot = self.builds.acquire().await.ok();
         let this = Arc::clone(self);
         let key = key.clone();
+        let shown_name = name.canonical();
         let started = Instant::now();
         let result =
             tokio::task::spawn_blocking(move || this.build_blocking(&key, &name, &source, false))
@@ -306,6 +307,12 @@ impl NixImages {
             Err(_) => &METRICS.nix_build_failures,
         };
         metrics::add(counter, 1);
+        crate::status::EVENTS.record(
+            "build",
+            shown_name,
+            started.elapsed(),
+            outcome.as_ref().err().map(|e| e.to_string()),
+        );
         outcome
     }
 

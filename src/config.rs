@@ -205,6 +205,21 @@ pub struct Options {
     /// for grouping store paths when an image has more than the layer budget.
     #[arg(long, value_name = "FILE", help_heading = "Nix images")]
     pub popularity: Option<PathBuf>,
+
+    // --- blobserve (issue #6) ---
+    /// Most bytes the layers extracted for `/files/…` may take; least
+    /// recently used layers are evicted beyond it (e.g. 2GB) [default: a
+    /// quarter of the filesystem holding the state dir].
+    #[arg(long, value_name = "SIZE", help_heading = "Blobserve")]
+    pub blobserve_max_size: Option<String>,
+
+    /// Per-repository blobserve settings (config file only):
+    /// `[blobserve."REPO"] workdir = "/usr/share/app"` and
+    /// `replace = [{ file = "index.html", from = "…", to = "…" }]`.
+    #[arg(skip)]
+    #[serde(default)]
+    pub blobserve: std::collections::BTreeMap<String, crate::blobserve::BlobserveRepo>,
+    // --- end blobserve ---
 }
 
 impl Options {
@@ -248,6 +263,13 @@ impl Options {
             offline: self.offline || file.offline,
             tag_ttl: self.tag_ttl.or(file.tag_ttl),
             upstream_timeout: self.upstream_timeout.or(file.upstream_timeout),
+            // blobserve (issue #6): repositories come from the file only.
+            blobserve_max_size: self.blobserve_max_size.or(file.blobserve_max_size),
+            blobserve: if self.blobserve.is_empty() {
+                file.blobserve
+            } else {
+                self.blobserve
+            },
         }
     }
 
@@ -255,6 +277,12 @@ impl Options {
         let nix = self.nix_settings()?;
         let upstream = self.upstream_settings()?;
         let tag_ttl = Duration::from_secs(self.tag_ttl.unwrap_or(60));
+        // blobserve (issue #6)
+        let blobserve_max_bytes = self
+            .blobserve_max_size
+            .as_deref()
+            .map(|s| parse_size(s).ok_or_else(|| ConfigError::Size(s.to_owned())))
+            .transpose()?;
         let max_cache_bytes = self
             .max_cache_size
             .as_deref()
@@ -288,6 +316,8 @@ impl Options {
             upstream,
             tag_ttl,
             max_cache_bytes,
+            blobserve_max_bytes,
+            blobserve_repos: self.blobserve,
         })
     }
 
@@ -465,6 +495,10 @@ pub struct Settings {
     pub tag_ttl: Duration,
     /// `None`: decided from the filesystem at startup.
     pub max_cache_bytes: Option<u64>,
+    /// blobserve (issue #6): the extracted space's cap (`None`: from the
+    /// filesystem at startup) and per-repository settings.
+    pub blobserve_max_bytes: Option<u64>,
+    pub blobserve_repos: std::collections::BTreeMap<String, crate::blobserve::BlobserveRepo>,
 }
 
 /// Parses a size: plain bytes, or a number with a unit (`kB`, `MB`, `GB`,

@@ -26,6 +26,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::blobserve::{Blobserve, BlobserveError, FileRequest, Found};
 use crate::builder::BuildError;
 use crate::chunks::ChunkPool;
 use crate::digest::Digest;
@@ -34,6 +35,7 @@ use crate::mirror::Download;
 use crate::nix::NixError;
 use crate::reference::{NameError, Reference, RegistryHost, RepoName};
 use crate::registry::{Accept, Blob, BlobSource, Registry, RegistryError};
+use crate::status::EVENTS;
 use crate::store::BlobFile;
 
 pub type Body = UnsyncBoxBody<Bytes, io::Error>;
@@ -64,6 +66,10 @@ pub struct ServerOptions {
     pub header_timeout: Duration,
     /// Connections beyond this wait in the listen backlog.
     pub max_connections: usize,
+    /// The cache's size limit, shown on the status page.
+    pub cache_limit: Option<u64>,
+    /// blobserve (issue #6): serves `/files/…` when set.
+    pub blobserve: Option<Arc<Blobserve>>,
 }
 
 /// Serves `registry` on `listener` until `shutdown` completes, then lets
@@ -76,7 +82,9 @@ pub async fn serve(
 ) {
     let app = Arc::new(App {
         registry,
+        cache_limit: options.cache_limit,
         chunks: ChunkPool::new(CHUNK, LARGE_CHUNKS, SMALL_CHUNK),
+        blobserve: options.blobserve.clone(),
     });
     let graceful = GracefulShutdown::new();
     let limit = Arc::new(Semaphore::new(options.max_connections.max(1)));
@@ -132,7 +140,9 @@ pub async fn serve(
 /// What every request handler shares.
 struct App {
     registry: Arc<Registry>,
+    cache_limit: Option<u64>,
     chunks: Arc<ChunkPool>,
+    blobserve: Option<Arc<Blobserve>>,
 }
 
 /// An error as the client sees it: a status and one entry of the OCI error
@@ -326,12 +336,41 @@ async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
         Some(Route::Upload) => "upload",
         Some(Route::Tags { .. }) => "tags",
         None if path == "/metrics" => "metrics",
+        None if path == "/" => "status",
+        None if path.starts_with("/files/") => "files",
         None => "other",
     };
+    // A GET of a manifest by tag is what a pull starts with: it gets a log
+    // line and a place on the status page.
+    let pull = match route(&path) {
+        Some(Route::Manifest { name, reference })
+            if method == Method::GET && !reference.contains(':') =>
+        {
+            Some(format!("{name}:{reference}"))
+        }
+        _ => None,
+    };
+    let mut failure = None;
     let mut response = match dispatch(app, &req, &mut ns_echo).await {
         Ok(r) => r,
-        Err(e) => error_response(e),
+        Err(e) => {
+            failure = Some(e.message.clone());
+            error_response(e)
+        }
     };
+    if let Some(image) = pull {
+        let host = ns_echo
+            .clone()
+            .unwrap_or_else(|| app.registry.default_host().clone());
+        let image = format!("{host}/{image}");
+        let status = response.status().as_u16();
+        let ms = started.elapsed().as_millis() as u64;
+        match &failure {
+            None => tracing::info!(%image, status, ms, "pull"),
+            Some(error) => tracing::info!(%image, status, ms, %error, "pull failed"),
+        }
+        EVENTS.record("pull", image, started.elapsed(), failure);
+    }
     let headers = response.headers_mut();
     headers.insert("docker-distribution-api-version", API_VERSION);
     if let Some(ns) = ns_echo {
@@ -357,6 +396,23 @@ async fn dispatch(
     req: &Request<Incoming>,
     ns_echo: &mut Option<RegistryHost>,
 ) -> Result<Response<Body>, ApiError> {
+    if req.uri().path() == "/" && req.method() == Method::GET {
+        let images = app.registry.cached_images().await?;
+        let bytes = app.registry.cache_bytes().await?;
+        // The address the client used is the one to show it.
+        let addr = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("127.0.0.1:7733");
+        let page = crate::status::render(addr, &images, bytes, app.cache_limit);
+        let mut resp = Response::new(full(Bytes::from(page)));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        return Ok(resp);
+    }
     if req.uri().path() == "/metrics" && req.method() == Method::GET {
         let bytes = app.registry.cache_bytes().await?;
         let mut resp = Response::new(full(Bytes::from(METRICS.render(bytes))));
@@ -365,6 +421,9 @@ async fn dispatch(
             HeaderValue::from_static("text/plain; version=0.0.4"),
         );
         return Ok(resp);
+    }
+    if let Some(rest) = req.uri().path().strip_prefix("/files/") {
+        return files(app, req, rest, ns_echo).await;
     }
     let Some(route) = route(req.uri().path()) else {
         return Err(ApiError::unsupported_route());
@@ -661,6 +720,283 @@ fn blob_stream(pool: Arc<ChunkPool>, file: Arc<BlobFile>, start: u64, end: u64) 
     BodyExt::boxed_unsync(StreamBody::new(stream.map_ok(Frame::data)))
 }
 
+// ---------------------------------------------------------------------------
+// blobserve (issue #6): `/files/<repository>(:<tag>|@<digest>)/<path>`
+// ---------------------------------------------------------------------------
+
+impl From<BlobserveError> for ApiError {
+    fn from(e: BlobserveError) -> ApiError {
+        match e {
+            BlobserveError::Name(n) => ApiError::from(n),
+            BlobserveError::Registry(r) => ApiError::from(r),
+            BlobserveError::BadRequest(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "NAME_INVALID", e.to_string())
+            }
+            BlobserveError::NotFound(_)
+            | BlobserveError::NotADirectory(_)
+            | BlobserveError::SymlinkLoop(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", e.to_string())
+            }
+            BlobserveError::NoPlatform(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", e.to_string())
+            }
+            BlobserveError::UnsupportedLayer(_) | BlobserveError::Manifest(_) => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UNSUPPORTED",
+                e.to_string(),
+            ),
+            BlobserveError::Extract { .. }
+            | BlobserveError::Io { .. }
+            | BlobserveError::Task(_) => {
+                tracing::error!(error = %e, "blobserve request failed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "UNKNOWN",
+                    "internal error; see the daemon's log",
+                )
+            }
+        }
+    }
+}
+
+/// Decodes `%XX` escapes; `None` for a malformed escape or non-UTF-8 result.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+async fn files(
+    app: &App,
+    req: &Request<Incoming>,
+    rest: &str,
+    ns_echo: &mut Option<RegistryHost>,
+) -> Result<Response<Body>, ApiError> {
+    let Some(blobserve) = &app.blobserve else {
+        return Err(ApiError::unsupported_route());
+    };
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            format!("{} is not supported on /files", req.method()),
+        ));
+    }
+    let query = parse_query(req.uri().query())?;
+    *ns_echo = query.ns.clone();
+    let host = query
+        .ns
+        .unwrap_or_else(|| app.registry.default_host().clone());
+    let decoded = percent_decode(rest).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "NAME_INVALID",
+            "malformed percent-encoding",
+        )
+    })?;
+    let file_req = FileRequest::parse(&decoded)?;
+    match blobserve.lookup(host, &file_req).await? {
+        Found::File(hit) => Ok(file_response(
+            &app.chunks,
+            *hit,
+            req.headers(),
+            req.method(),
+        )),
+        Found::Dir(listing) => {
+            let wants_json = req
+                .headers()
+                .get_all(header::ACCEPT)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.contains("application/json"));
+            if wants_json {
+                let body = serde_json::json!({ "path": listing.path, "entries": listing.entries });
+                return Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())));
+            }
+            let base = format!("/files/{}{}", file_req.repo, file_req.reference_text);
+            let html = listing_html(&base, &listing, req.uri().query());
+            let len = html.len();
+            let mut resp = Response::new(full(Bytes::from(html)));
+            let h = resp.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            Ok(resp)
+        }
+    }
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+fn href_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/:@+".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn listing_html(base: &str, listing: &crate::blobserve::Listing, query: Option<&str>) -> String {
+    let dir = listing.path.trim_end_matches('/');
+    let q = query.map(|q| format!("?{q}")).unwrap_or_default();
+    let mut html = format!(
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{0}</title></head>\n<body><h1>{0}</h1>\n<ul>\n",
+        html_escape(&format!("{base}{dir}/"))
+    );
+    if !dir.is_empty() {
+        let parent = dir.rsplit_once('/').map_or("", |(p, _)| p);
+        html.push_str(&format!(
+            "<li><a href=\"{}/{q}\">../</a></li>\n",
+            href_escape(&format!("{base}{parent}"))
+        ));
+    }
+    for e in &listing.entries {
+        let suffix = if e.kind == "dir" { "/" } else { "" };
+        let extra = match &e.target {
+            Some(t) => format!(" → {}", html_escape(t)),
+            None if e.kind == "file" => format!(" ({} bytes)", e.size),
+            None => String::new(),
+        };
+        html.push_str(&format!(
+            "<li><a href=\"{}{suffix}{q}\">{}{suffix}</a>{extra}</li>\n",
+            href_escape(&format!("{base}{dir}/{}", e.name)),
+            html_escape(&e.name),
+        ));
+    }
+    html.push_str("</ul></body></html>\n");
+    html
+}
+
+/// An HTTP date (RFC 9110 IMF-fixdate) for `t`.
+fn http_date(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{}, {day:02} {} {year} {:02}:{:02}:{:02} GMT",
+        WEEKDAYS[days.rem_euclid(7) as usize],
+        MONTHS[(month - 1) as usize],
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn file_response(
+    chunks: &Arc<ChunkPool>,
+    hit: crate::blobserve::FileHit,
+    headers: &HeaderMap,
+    method: &Method,
+) -> Response<Body> {
+    let etag = format!("\"{}:{}\"", hit.layer, hit.path);
+    let not_modified = headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim() == etag || t.trim() == "*");
+    let content_type = crate::blobserve::content_type(&hit.path);
+    let mut resp = if not_modified {
+        let mut r = Response::new(empty());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        r
+    } else {
+        let size = hit.size;
+        let (status, start, end_excl) = match parse_range(headers, size) {
+            RangeRequest::Whole => (StatusCode::OK, 0, size),
+            RangeRequest::Part { start, end } => (StatusCode::PARTIAL_CONTENT, start, end + 1),
+            RangeRequest::Unsatisfiable => {
+                let mut resp = error_response(ApiError::new(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    "RANGE_INVALID",
+                    format!("range not satisfiable for a file of {size} bytes"),
+                ));
+                insert_str(
+                    resp.headers_mut(),
+                    header::CONTENT_RANGE,
+                    &format!("bytes */{size}"),
+                );
+                return resp;
+            }
+        };
+        let body = if method == Method::HEAD {
+            empty()
+        } else if let Some(bytes) = &hit.replaced {
+            full(bytes.slice(start as usize..end_excl as usize))
+        } else {
+            // The guard keeps the layer from eviction until the body is done.
+            let guard = hit.guard;
+            blob_stream(Arc::clone(chunks), hit.file, start, end_excl)
+                .map_frame(move |f| {
+                    let _ = &guard;
+                    f
+                })
+                .boxed_unsync()
+        };
+        let mut r = Response::new(body);
+        *r.status_mut() = status;
+        let h = r.headers_mut();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(end_excl - start));
+        if status == StatusCode::PARTIAL_CONTENT {
+            insert_str(
+                h,
+                header::CONTENT_RANGE,
+                &format!("bytes {start}-{}/{size}", end_excl - 1),
+            );
+        }
+        r
+    };
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    insert_str(h, header::ETAG, &etag);
+    if let Some(m) = hit.modified {
+        insert_str(h, header::LAST_MODIFIED, &http_date(m));
+    }
+    resp
+}
+
+// --- end blobserve ---
+
 fn method_label(m: &Method) -> &'static str {
     match *m {
         Method::GET => "GET",
@@ -807,5 +1143,18 @@ mod tests {
         assert_eq!(q.n, Some(3));
         assert!(parse_query(Some("ns=..%2Fetc")).is_err());
         assert!(parse_query(Some("n=-1")).is_err());
+    }
+
+    #[test]
+    fn http_dates_and_percent_decoding() {
+        let t = std::time::UNIX_EPOCH + Duration::from_secs(784_111_777);
+        assert_eq!(http_date(t), "Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(
+            http_date(std::time::UNIX_EPOCH),
+            "Thu, 01 Jan 1970 00:00:00 GMT"
+        );
+        assert_eq!(percent_decode("a%20b%2Fc").as_deref(), Some("a b/c"));
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("%2"), None);
     }
 }

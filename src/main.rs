@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use nixery_local::blobserve::{Blobserve, BlobserveSettings};
 use nixery_local::builder::NixImages;
 use nixery_local::config::{ConfigError, Options, Settings};
 use nixery_local::gc::{self, Usage};
@@ -86,6 +87,25 @@ enum Command {
         #[command(flatten)]
         options: Options,
     },
+    /// Pull images into the cache (Nix images are built, others fetched from
+    /// upstream) to use them offline later, e.g. `nix/shell/git`,
+    /// `docker.io/library/alpine:3.20`.
+    Prefetch {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        options: Options,
+        #[arg(required = true, value_name = "REF")]
+        images: Vec<String>,
+    },
+    /// Check Nix, the package source, the state dir, the daemon and each
+    /// container client's mirror config, and say what is wrong.
+    Doctor {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        options: Options,
+    },
     /// Point a container client at the daemon by writing its mirror config.
     Setup {
         #[command(subcommand)]
@@ -143,6 +163,32 @@ fn main() -> ExitCode {
             name,
         } => match settings(config, options) {
             Ok(s) => build(&s, &name),
+            Err(e) => return usage_error(&e.to_string()),
+        },
+        Command::Prefetch {
+            config,
+            options,
+            images,
+        } => {
+            let settings = match settings(config, options) {
+                Ok(s) => s,
+                Err(e) => return usage_error(&e.to_string()),
+            };
+            let mut refs = Vec::new();
+            for image in &images {
+                match image.parse::<ImageRef>() {
+                    Ok(r) => refs.push(r),
+                    Err(e) => return usage_error(&e.to_string()),
+                }
+            }
+            let upstreams = match Upstreams::new(settings.upstream.clone()) {
+                Ok(u) => u,
+                Err(e) => return usage_error(&e.to_string()),
+            };
+            prefetch(&settings, upstreams, &refs)
+        }
+        Command::Doctor { config, options } => match settings(config, options) {
+            Ok(s) => return doctor(&s),
             Err(e) => return usage_error(&e.to_string()),
         },
         Command::Gc { config, options } => match settings(config, options) {
@@ -308,9 +354,31 @@ fn serve(settings: Settings, upstreams: Upstreams) -> anyhow::Result<()> {
         writeln!(out, "nixery-local listening on http://{addr}").context("writing to stdout")?;
         out.flush().context("writing to stdout")?;
         drop(out);
+        // blobserve (issue #6): files from inside images under /files/.
+        let blobserve = {
+            let max_bytes = settings
+                .blobserve_max_bytes
+                .or_else(|| gc::default_max_bytes(&settings.state_dir))
+                .unwrap_or(u64::MAX);
+            let root = store.root().join("extracted");
+            let repos = settings.blobserve_repos.clone();
+            let registry = Arc::clone(&registry);
+            tokio::task::spawn_blocking(move || {
+                Blobserve::new(
+                    registry,
+                    root,
+                    BlobserveSettings { repos, max_bytes },
+                )
+            })
+            .await
+            .context("opening the extracted-layer space")?
+            .context("opening the extracted-layer space")?
+        };
         let options = ServerOptions {
             header_timeout: settings.header_timeout,
             max_connections: settings.max_connections,
+            cache_limit: Some(max_bytes),
+            blobserve: Some(Arc::new(blobserve)),
         };
         if let Err(e) = notifier.ready() {
             tracing::warn!(error = %e, "cannot tell systemd the daemon is ready");
@@ -414,6 +482,62 @@ fn list(settings: &Settings) -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+fn prefetch(settings: &Settings, upstreams: Upstreams, refs: &[ImageRef]) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let store = Arc::new(open_store(settings)?);
+        let nix = Arc::new(NixImages::new(Arc::clone(&store), settings.nix.clone()));
+        let mirror = Arc::new(Mirror::new(Arc::clone(&store), upstreams, settings.tag_ttl));
+        let registry = Registry::new(store, settings.default_registry.clone())
+            .with_nix(nix)
+            .with_mirror(mirror);
+        let mut failed = 0;
+        for image in refs {
+            println!("{image}");
+            let mut out = std::io::stdout();
+            match nixery_local::prefetch::prefetch(&registry, image, &mut out).await {
+                Ok(p) => println!(
+                    "prefetched {image} {} ({} blobs, {} bytes)",
+                    p.digest.map(|d| d.to_string()).unwrap_or_default(),
+                    p.blobs,
+                    p.bytes
+                ),
+                Err(e) => {
+                    eprintln!("nixery-local: {image}: {e}");
+                    failed += 1;
+                }
+            }
+        }
+        anyhow::ensure!(failed == 0, "{failed} of {} images failed", refs.len());
+        Ok(())
+    })
+}
+
+fn doctor(settings: &Settings) -> ExitCode {
+    use nixery_local::doctor::Verdict;
+    let checks = nixery_local::doctor::run(settings);
+    let mut failed = false;
+    for c in &checks {
+        let mark = match c.verdict {
+            Verdict::Ok => "ok  ",
+            Verdict::Note => "note",
+            Verdict::Fail => {
+                failed = true;
+                "FAIL"
+            }
+        };
+        println!("{mark}  {:<15} {}", c.what, c.detail);
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn human_age(secs: u64) -> String {

@@ -545,14 +545,22 @@ impl Download {
         }
     }
 
-    /// Waits until bytes past `offset` have arrived and returns how far they
-    /// go, or `None` at the end of a complete blob. A failed download is an
-    /// error, so readers abort rather than end early.
+    /// Waits until bytes past `offset` may be sent and returns how far they
+    /// go, or `None` at the end of a complete blob. The last byte is held
+    /// back until the digest has been verified: a client that has every byte
+    /// of a body takes it as complete, so a bad download must fail before
+    /// that. A failed download is an error, so readers abort.
     pub async fn available(&self, offset: u64) -> io::Result<Option<u64>> {
+        fn sendable(written: u64, total: Option<u64>) -> u64 {
+            match total {
+                Some(t) => written.min(t.saturating_sub(1)),
+                None => written,
+            }
+        }
         let mut rx = self.progress.clone();
         let state = rx
             .wait_for(|p| match p {
-                Progress::Running { written, .. } => *written > offset,
+                Progress::Running { written, total } => sendable(*written, *total) > offset,
                 Progress::Done { .. } | Progress::Failed(_) => true,
                 Progress::Starting => false,
             })
@@ -560,10 +568,25 @@ impl Download {
             .map_err(|_| failed("the download task ended"))?
             .clone();
         match state {
-            Progress::Running { written, .. } => Ok(Some(written)),
+            Progress::Running { written, total } => Ok(Some(sendable(written, total))),
             Progress::Done { size } => Ok((offset < size).then_some(size)),
             Progress::Failed(m) => Err(failed(&m)),
             Progress::Starting => Err(failed("the download task ended")),
+        }
+    }
+
+    /// Waits for the whole blob to be verified and cached; returns its size.
+    pub async fn finished(&self) -> io::Result<u64> {
+        let mut rx = self.progress.clone();
+        let state = rx
+            .wait_for(|p| matches!(p, Progress::Done { .. } | Progress::Failed(_)))
+            .await
+            .map_err(|_| failed("the download task ended"))?
+            .clone();
+        match state {
+            Progress::Done { size } => Ok(size),
+            Progress::Failed(m) => Err(failed(&m)),
+            _ => Err(failed("the download task ended")),
         }
     }
 
@@ -621,6 +644,16 @@ mod tests {
         })
         .expect("send");
         assert_eq!(reader.await.expect("join").expect("available"), Some(15));
+        tx.send(Progress::Running {
+            written: 20,
+            total: Some(20),
+        })
+        .expect("send");
+        assert_eq!(
+            dl.available(15).await.expect("available"),
+            Some(19),
+            "the last byte waits for verification"
+        );
         tx.send(Progress::Failed("digest mismatch".into()))
             .expect("send");
         assert!(

@@ -11,7 +11,7 @@ use bytes::Bytes;
 
 use crate::builder::{BuildError, NixImages};
 use crate::digest::Digest;
-use crate::gc::Usage;
+use crate::gc::{CachedImage, Usage};
 use crate::metrics::{self, METRICS};
 use crate::mirror::{Download, Mirror, MirrorError};
 use crate::reference::{Reference, RegistryHost, RepoName};
@@ -299,6 +299,13 @@ impl Registry {
             digest,
             size,
         })
+    }
+
+    /// Every cached image, least recently used first (the status page).
+    pub async fn cached_images(&self) -> Result<Vec<CachedImage>, RegistryError> {
+        let usage = self.usage.snapshot();
+        self.blocking(move |store| Ok(crate::gc::images(store, &usage)?))
+            .await
     }
 
     /// Bytes of blobs in the cache, for `/metrics`.

@@ -672,6 +672,12 @@ pub struct BlobFile {
 }
 
 impl BlobFile {
+    /// Wraps an open file of `len` bytes (blobserve serves extracted files
+    /// through the same streaming path as blobs).
+    pub fn from_file(file: File, len: u64) -> BlobFile {
+        BlobFile { file, len }
+    }
+
     pub fn len(&self) -> u64 {
         self.len
     }

@@ -17,7 +17,9 @@ packages=(
     nix-bin              # builds the tests' package set for Nix images
     busybox-static       # the one binary in the test images and package set
     systemd              # systemd-analyze verifies the units
+    chromium             # renders the status page headless
     adduser binutils dpkg-dev  # the .deb: its Depends, strip, dpkg-shlibdeps
+    apache2-utils openssl  # htpasswd, a test CA and signed tokens for the upstream tests
     curl jq ca-certificates
 )
 missing=()

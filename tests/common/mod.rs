@@ -1588,3 +1588,123 @@ impl Containerd {
 // ---------------------------------------------------------------------------
 // Upstream registries for the pull-through mirror tests
 // ---------------------------------------------------------------------------
+
+pub mod upstream;
+
+// ---------------------------------------------------------------------------
+// Blobserve (issue #6): a two-layer image with whiteouts, an opaque
+// directory and symlinks that try to leave the image root
+// ---------------------------------------------------------------------------
+
+/// What [`layered_layout`] puts in its image (final, merged view).
+pub const LAYERED_PASSWD: &str = "root:x:0:0:image root:/root:/bin/sh\n";
+pub const LAYERED_HOSTNAME: &str = "image-hostname-not-the-hosts\n";
+pub const LAYERED_INDEX_HTML: &str =
+    "<!DOCTYPE html><html><head><base href=\"BASE_URL\"></head><body>app at BASE_URL</body></html>\n";
+
+/// One tar entry for [`layered_layout`]'s layers.
+pub enum TarItem<'a> {
+    Dir(&'a str),
+    File(&'a str, &'a [u8]),
+    Link(&'a str, &'a str),
+}
+
+/// A gzipped tar layer of `items` (mtime 1_700_000_000); returns (blob, diff_id).
+pub fn tar_layer(items: &[TarItem]) -> (Vec<u8>, String) {
+    let mut b = tar::Builder::new(Vec::new());
+    for item in items {
+        let mut h = tar::Header::new_ustar();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        match item {
+            TarItem::Dir(p) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                b.append_data(&mut h, p, io::empty()).unwrap();
+            }
+            TarItem::File(p, data) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(0o644);
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, p, *data).unwrap();
+            }
+            TarItem::Link(p, target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_size(0);
+                b.append_link(&mut h, p, target).unwrap();
+            }
+        }
+    }
+    let tar = b.into_inner().unwrap();
+    let diff_id = sha256_digest(&tar);
+    let mut gz = GzEncoder::new(Vec::new(), Compression::new(1));
+    gz.write_all(&tar).unwrap();
+    (gz.finish().unwrap(), diff_id)
+}
+
+/// An OCI image of gzipped tar `layers` (bottom first).
+pub fn layers_layout(dir: &Path, tag: &str, layers: &[(Vec<u8>, String)]) -> TestImage {
+    init_layout(dir);
+    let mut descs = Vec::new();
+    for (blob, diff_id) in layers {
+        let (d, s) = write_blob(dir, blob);
+        descs.push((d, s, diff_id.clone()));
+    }
+    let (manifest_bytes, config_bytes, config_digest) =
+        write_image_manifest(dir, &OCI_TYPES, host_arch(), json!(["/bin/true"]), &descs);
+    let (manifest_digest, manifest_size) = write_blob(dir, &manifest_bytes);
+    write_index_json(dir, OCI_MANIFEST, &manifest_digest, manifest_size, tag);
+    TestImage {
+        dir: dir.to_path_buf(),
+        tag: tag.into(),
+        media_type: OCI_MANIFEST.into(),
+        manifest_digest,
+        manifest_bytes,
+        config_digest,
+        config_bytes,
+        layer_digests: descs.iter().map(|d| d.0.clone()).collect(),
+        layer_sizes: descs.iter().map(|d| d.1).collect(),
+        platforms: Vec::new(),
+    }
+}
+
+/// Two layers. The lower one has `/etc/{passwd,hostname,gone}`,
+/// `/opq/{old,sub/deep}`, `/app/index.html` and `/app/data.bin` (4096
+/// pseudo-random bytes). The upper one whites out `/etc/gone`, makes `/opq`
+/// opaque (adding `/opq/new`), and adds symlinks: `/abs -> /etc/passwd`,
+/// `/up -> ../../../../etc/hostname`, `/app/deep/up ->
+/// ../../../../../../etc/hostname`, `/etcdir -> /etc`, `/loop -> loop`, and
+/// `/app/link.html -> index.html`.
+pub fn layered_layout(dir: &Path, tag: &str) -> TestImage {
+    let data = blob_layout_bytes(4096);
+    let lower = tar_layer(&[
+        TarItem::Dir("etc/"),
+        TarItem::File("etc/passwd", LAYERED_PASSWD.as_bytes()),
+        TarItem::File("etc/hostname", LAYERED_HOSTNAME.as_bytes()),
+        TarItem::File("etc/gone", b"whited out\n"),
+        TarItem::Dir("opq/"),
+        TarItem::File("opq/old", b"hidden by the opaque dir\n"),
+        TarItem::File("opq/sub/deep", b"hidden too\n"),
+        TarItem::Dir("app/"),
+        TarItem::File("app/index.html", LAYERED_INDEX_HTML.as_bytes()),
+        TarItem::File("app/data.bin", &data),
+    ]);
+    let upper = tar_layer(&[
+        TarItem::Dir("etc/"),
+        TarItem::File("etc/.wh.gone", b""),
+        TarItem::Dir("opq/"),
+        TarItem::File("opq/.wh..wh..opq", b""),
+        TarItem::File("opq/new", b"new\n"),
+        TarItem::Link("abs", "/etc/passwd"),
+        TarItem::Link("up", "../../../../etc/hostname"),
+        TarItem::Dir("app/deep/"),
+        TarItem::Link("app/deep/up", "../../../../../../etc/hostname"),
+        TarItem::Link("etcdir", "/etc"),
+        TarItem::Link("loop", "loop"),
+        TarItem::Link("app/link.html", "index.html"),
+    ]);
+    layers_layout(dir, tag, &[lower, upper])
+}

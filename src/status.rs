@@ -1,0 +1,222 @@
+//! The status page at `/`: what is cached, recent pulls and builds with
+//! their durations and errors, and the client setup to copy. This module
+//! owns the in-memory log of recent events and the page's HTML; the data
+//! about the cache comes from [`crate::gc::images`] through the registry.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::gc::CachedImage;
+
+/// Events kept for the page.
+const RECENT: usize = 50;
+
+#[derive(Clone, Debug)]
+pub struct Event {
+    /// Seconds since the epoch.
+    pub at: u64,
+    pub kind: &'static str,
+    pub name: String,
+    pub duration: Duration,
+    /// `None` when it went well.
+    pub error: Option<String>,
+}
+
+/// The most recent pulls and builds, newest first.
+pub struct Events {
+    recent: Mutex<VecDeque<Event>>,
+}
+
+pub static EVENTS: Events = Events {
+    recent: Mutex::new(VecDeque::new()),
+};
+
+impl Events {
+    pub fn record(
+        &self,
+        kind: &'static str,
+        name: String,
+        duration: Duration,
+        error: Option<String>,
+    ) {
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if let Ok(mut r) = self.recent.lock() {
+            r.push_front(Event {
+                at,
+                kind,
+                name,
+                duration,
+                error,
+            });
+            r.truncate(RECENT);
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<Event> {
+        self.recent
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn ago(now: u64, then: u64) -> String {
+    let s = now.saturating_sub(then);
+    match s {
+        s if s < 120 => format!("{s} s ago"),
+        s if s < 7200 => format!("{} min ago", s / 60),
+        s if s < 172_800 => format!("{} h ago", s / 3600),
+        s => format!("{} days ago", s / 86_400),
+    }
+}
+
+/// The page. `addr` is what clients should use to reach the daemon.
+pub fn render(addr: &str, images: &[CachedImage], cache_bytes: u64, limit: Option<u64>) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut h = String::new();
+    let _ = write!(
+        h,
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>nixery-local</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; max-width: 72rem; }}
+h1 {{ margin-bottom: 0; }} .sub {{ color: #666; margin-top: .2rem; }}
+table {{ border-collapse: collapse; width: 100%; margin-bottom: 1.5rem; }}
+th, td {{ text-align: left; padding: .3rem .6rem; border-bottom: 1px solid #ddd; font-size: .9rem; }}
+td.num {{ text-align: right; font-variant-numeric: tabular-nums; }}
+code, pre {{ background: #f4f4f4; padding: .1rem .3rem; border-radius: 3px; }}
+pre {{ padding: .8rem; overflow-x: auto; }}
+.err {{ color: #b00020; }} .ok {{ color: #0a7d28; }}
+</style></head><body>
+<h1>nixery-local</h1>
+<p class="sub">Registry mirror at <code>http://{addr}</code>: {count} cached {noun}, {size}{limit}. <a href="/metrics">metrics</a></p>
+"#,
+        addr = escape(addr),
+        count = images.len(),
+        noun = if images.len() == 1 { "image" } else { "images" },
+        size = human_bytes(cache_bytes),
+        limit = limit.map_or(String::new(), |l| format!(" of {} allowed", human_bytes(l))),
+    );
+
+    h.push_str("<h2>Recent pulls and builds</h2>\n");
+    let events = EVENTS.snapshot();
+    if events.is_empty() {
+        h.push_str("<p>None since the daemon started.</p>\n");
+    } else {
+        h.push_str("<table id=\"events\"><tr><th>when</th><th>what</th><th>image</th><th>took</th><th>outcome</th></tr>\n");
+        for e in &events {
+            let outcome = match &e.error {
+                None => "<span class=\"ok\">ok</span>".to_owned(),
+                Some(m) => format!("<span class=\"err\">{}</span>", escape(m)),
+            };
+            let _ = writeln!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td><code>{}</code></td><td class=\"num\">{} ms</td><td>{outcome}</td></tr>",
+                ago(now, e.at),
+                e.kind,
+                escape(&e.name),
+                e.duration.as_millis()
+            );
+        }
+        h.push_str("</table>\n");
+    }
+
+    h.push_str("<h2>Cached images</h2>\n");
+    if images.is_empty() {
+        h.push_str("<p>The cache is empty.</p>\n");
+    } else {
+        h.push_str("<table id=\"images\"><tr><th>image</th><th>digest</th><th>size</th><th>last used</th></tr>\n");
+        for img in images.iter().rev() {
+            let digest = img
+                .manifests
+                .first()
+                .map(|m| m.digest.to_string())
+                .unwrap_or_default();
+            let _ = writeln!(
+                h,
+                "<tr><td><code>{}</code></td><td><code title=\"{d}\">{short}</code></td><td class=\"num\">{}</td><td>{}</td></tr>",
+                escape(&img.id.to_string()),
+                human_bytes(img.size),
+                ago(now, img.last_used),
+                d = escape(&digest),
+                short = escape(digest.get(..19).unwrap_or(&digest)),
+            );
+        }
+        h.push_str("</table>\n");
+    }
+
+    let _ = write!(
+        h,
+        r#"<h2>Client setup</h2>
+<p>containerd: <code>sudo nixery-local setup containerd</code> writes this for <code>nix.local</code>, Docker Hub and other registries:</p>
+<pre># /etc/containerd/certs.d/docker.io/hosts.toml
+server = "https://registry-1.docker.io"
+
+[host."http://{addr}"]
+  capabilities = ["pull", "resolve"]</pre>
+<p>Then <code>ctr images pull --hosts-dir /etc/containerd/certs.d nix.local/hello:latest</code>.
+Docker: <code>docker pull {addr}/nix/hello</code>, or <code>sudo nixery-local setup docker</code> for a Docker Hub mirror.
+Podman: <code>sudo nixery-local setup podman</code>.</p>
+</body></html>
+"#,
+        addr = escape(addr)
+    );
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_escapes_what_it_shows() {
+        EVENTS.record(
+            "pull",
+            "docker.io/<script>:1".into(),
+            Duration::from_millis(12),
+            Some("upstream said <b>no</b>".into()),
+        );
+        let page = render("127.0.0.1:7733", &[], 1234, Some(1_000_000));
+        assert!(page.contains("docker.io/&lt;script&gt;:1"));
+        assert!(page.contains("upstream said &lt;b&gt;no&lt;/b&gt;"));
+        assert!(!page.contains("<script>"));
+        assert!(page.contains("1.2 kB of 1.0 MB allowed"));
+        assert!(page.contains("[host.\"http://127.0.0.1:7733\"]"));
+    }
+}
