@@ -80,27 +80,31 @@ const BUILD_BOUNDS: &[f64] = &[
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
 
-pub static METRICS: Metrics = Metrics {
-    requests: Mutex::new(BTreeMap::new()),
-    blob_hits: AtomicU64::new(0),
-    blob_misses: AtomicU64::new(0),
-    manifest_fetches: AtomicU64::new(0),
-    bytes_served: AtomicU64::new(0),
-    bytes_fetched: AtomicU64::new(0),
-    upstream_errors: AtomicU64::new(0),
-    upstream_latency: Histogram::new(LATENCY_BOUNDS),
-    nix_builds: AtomicU64::new(0),
-    nix_build_failures: AtomicU64::new(0),
-    nix_build_duration: Histogram::new(BUILD_BOUNDS),
-    evictions: AtomicU64::new(0),
-    evicted_bytes: AtomicU64::new(0),
-};
+pub static METRICS: Metrics = Metrics::new();
 
 pub fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
 impl Metrics {
+    const fn new() -> Metrics {
+        Metrics {
+            requests: Mutex::new(BTreeMap::new()),
+            blob_hits: AtomicU64::new(0),
+            blob_misses: AtomicU64::new(0),
+            manifest_fetches: AtomicU64::new(0),
+            bytes_served: AtomicU64::new(0),
+            bytes_fetched: AtomicU64::new(0),
+            upstream_errors: AtomicU64::new(0),
+            upstream_latency: Histogram::new(LATENCY_BOUNDS),
+            nix_builds: AtomicU64::new(0),
+            nix_build_failures: AtomicU64::new(0),
+            nix_build_duration: Histogram::new(BUILD_BOUNDS),
+            evictions: AtomicU64::new(0),
+            evicted_bytes: AtomicU64::new(0),
+        }
+    }
+
     pub fn request(&self, route: &'static str, method: &'static str, status: u16) {
         if let Ok(mut r) = self.requests.lock() {
             *r.entry((route, method, status)).or_default() += 1;
@@ -218,10 +222,7 @@ mod tests {
 
     #[test]
     fn renders_request_labels() {
-        let m = Metrics {
-            requests: Mutex::new(BTreeMap::new()),
-            ..metrics_zero()
-        };
+        let m = Metrics::new();
         m.request("manifest", "GET", 200);
         m.request("manifest", "GET", 200);
         let text = m.render(42);
@@ -229,23 +230,5 @@ mod tests {
             "nixery_local_requests_total{route=\"manifest\",method=\"GET\",status=\"200\"} 2"
         ));
         assert!(text.contains("nixery_local_cache_bytes 42"));
-    }
-
-    fn metrics_zero() -> Metrics {
-        Metrics {
-            requests: Mutex::new(BTreeMap::new()),
-            blob_hits: AtomicU64::new(0),
-            blob_misses: AtomicU64::new(0),
-            manifest_fetches: AtomicU64::new(0),
-            bytes_served: AtomicU64::new(0),
-            bytes_fetched: AtomicU64::new(0),
-            upstream_errors: AtomicU64::new(0),
-            upstream_latency: Histogram::new(LATENCY_BOUNDS),
-            nix_builds: AtomicU64::new(0),
-            nix_build_failures: AtomicU64::new(0),
-            nix_build_duration: Histogram::new(BUILD_BOUNDS),
-            evictions: AtomicU64::new(0),
-            evicted_bytes: AtomicU64::new(0),
-        }
     }
 }

@@ -228,53 +228,7 @@ impl Daemon {
 
     /// `serve` on an existing state directory (e.g. after `import`).
     pub fn start_in(state_dir: &Path, extra_args: &[&str]) -> Daemon {
-        let mut cmd = Command::new(bin());
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
-            .arg(state_dir)
-            .args(extra_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = spawn_tied(cmd).expect("spawn nixery-local serve");
-        forward_lines("daemon".into(), child.stderr.take().unwrap());
-
-        // stdout: the listening line goes to us, anything else is forwarded.
-        let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[daemon stdout] {line}");
-                if line.starts_with("nixery-local listening on ") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(line);
-                    }
-                }
-            }
-        });
-        let line = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(line) => line,
-            Err(e) => {
-                let _ = child.kill();
-                let status = child.wait();
-                panic!("daemon never printed its listening line ({e:?}); exit: {status:?}");
-            }
-        };
-        let url = line
-            .strip_prefix("nixery-local listening on http://")
-            .unwrap_or_else(|| panic!("unexpected listening line {line:?}"));
-        let addr: SocketAddr = url
-            .trim_end_matches('/')
-            .parse()
-            .unwrap_or_else(|e| panic!("listening line {line:?}: {e}"));
-        assert!(addr.ip().is_loopback(), "daemon bound {addr}");
-        Daemon {
-            addr,
-            state_dir: state_dir.to_path_buf(),
-            _tmp: None,
-            child: Some(child),
-        }
+        Daemon::start_in_logged(state_dir, extra_args, &[]).0
     }
 
     pub fn addr(&self) -> SocketAddr {
