@@ -186,6 +186,12 @@ pub struct Options {
     #[serde(default)]
     pub credential: Vec<String>,
 
+    /// Contact only the registries named with --upstream; every other
+    /// registry is served from the cache alone.
+    #[arg(long, help_heading = "Pull-through mirror")]
+    #[serde(default)]
+    pub upstream_only: bool,
+
     /// Never contact an upstream: serve only what the cache holds.
     #[arg(long, help_heading = "Pull-through mirror")]
     #[serde(default)]
@@ -261,6 +267,7 @@ impl Options {
             upstream_ca: or_vec(self.upstream_ca, file.upstream_ca),
             credential: or_vec(self.credential, file.credential),
             offline: self.offline || file.offline,
+            upstream_only: self.upstream_only || file.upstream_only,
             tag_ttl: self.tag_ttl.or(file.tag_ttl),
             upstream_timeout: self.upstream_timeout.or(file.upstream_timeout),
             // blobserve (issue #6): repositories come from the file only.
@@ -374,6 +381,7 @@ impl Options {
             credentials,
             timeout: Duration::from_secs(timeout),
             offline: self.offline,
+            only_configured: self.upstream_only,
         })
     }
 

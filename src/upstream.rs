@@ -51,6 +51,8 @@ const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 pub enum UpstreamError {
     #[error("offline: not contacting {0}")]
     Offline(RegistryHost),
+    #[error("{0} is not a configured upstream (--upstream-only)")]
+    NotConfigured(RegistryHost),
     #[error("{0} is not a public address; name it with --upstream HOST=URL to allow it")]
     NotAllowed(String),
     #[error("invalid upstream URL {0:?}")]
@@ -103,6 +105,8 @@ pub struct UpstreamSettings {
     /// Connect and response-header timeout.
     pub timeout: Duration,
     pub offline: bool,
+    /// Contact only the hosts in `overrides`.
+    pub only_configured: bool,
 }
 
 /// What to fetch from an upstream.
@@ -443,6 +447,10 @@ impl Upstreams {
         if self.settings.offline {
             return Err(UpstreamError::Offline(host.clone()));
         }
+        if self.settings.only_configured && !self.settings.overrides.iter().any(|(h, _)| h == host)
+        {
+            return Err(UpstreamError::NotConfigured(host.clone()));
+        }
         let (base, trusted) = self.base(host);
         let repo_path = Self::upstream_repo(host, repo);
         let url = match target {
@@ -748,6 +756,47 @@ mod tests {
             Some("https://cdn.example/b".to_owned())
         );
         assert!(resolve_location(&base, "relative/path").is_none());
+    }
+
+    #[tokio::test]
+    async fn upstream_only_refuses_unnamed_hosts_without_a_request() {
+        let ups = Upstreams::new(UpstreamSettings {
+            overrides: vec![(
+                "127.0.0.1:1".parse().expect("host"),
+                "http://127.0.0.1:1".into(),
+            )],
+            only_configured: true,
+            timeout: Duration::from_secs(1),
+            ..UpstreamSettings::default()
+        })
+        .expect("upstreams");
+        let repo: RepoName = "library/a".parse().expect("repo");
+        let target = Target::Manifest("1".into());
+        let err = ups
+            .fetch(
+                &"docker.io".parse().expect("host"),
+                &repo,
+                &target,
+                Method::HEAD,
+                &[],
+                None,
+            )
+            .await
+            .expect_err("refused");
+        assert!(matches!(err, UpstreamError::NotConfigured(_)), "{err}");
+        // The named one is tried (and fails to connect: nothing listens on port 1).
+        let err = ups
+            .fetch(
+                &"127.0.0.1:1".parse().expect("host"),
+                &repo,
+                &target,
+                Method::HEAD,
+                &[],
+                None,
+            )
+            .await
+            .expect_err("no server");
+        assert!(matches!(err, UpstreamError::Request { .. }), "{err}");
     }
 
     #[test]
