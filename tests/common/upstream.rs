@@ -177,7 +177,10 @@ pub fn tls_pki(dir: &Path, dns_names: &[&str]) -> Pki {
 
 /// A bcrypt htpasswd file (what distribution accepts) for one user.
 pub fn htpasswd_file(path: &Path, user: &str, password: &str) {
-    require("htpasswd");
+    assert!(
+        which("htpasswd").is_some(),
+        "prerequisite htpasswd missing: install with apt-get install apache2-utils"
+    );
     let out = output_timeout(
         Command::new("htpasswd").args(["-Bbn", user, password]),
         Duration::from_secs(30),
