@@ -18,12 +18,12 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header;
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::digest::{Digest, Hasher};
 use crate::manifest;
@@ -33,9 +33,9 @@ use crate::registry::Accept;
 use crate::store::{ManifestVariant, Store, StoreError, TagRecord, MAX_MANIFEST_SIZE};
 use crate::upstream::{Target, UpstreamError, Upstreams};
 
-/// Bytes are written to the temp file (and shown to readers) in batches
-/// this large.
-const WRITE_BATCH: usize = 1 << 20;
+/// Body frames waiting for the writer (hyper's frames are at most a few
+/// hundred KiB, so this bounds a download's memory to a few MiB).
+const WRITE_QUEUE: usize = 16;
 /// An upstream body that sends nothing for this long is given up on.
 const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Times an interrupted blob download is resumed with `Range`.
@@ -302,6 +302,7 @@ impl Mirror {
                 Some(d) => Arc::clone(d),
                 None => {
                     let (tx, rx) = watch::channel(Progress::Starting);
+                    let tx = Arc::new(tx);
                     let d = Arc::new(Download {
                         digest: digest.clone(),
                         file: Mutex::new(None),
@@ -345,7 +346,7 @@ impl Mirror {
         host: &RegistryHost,
         repo: &RepoName,
         dl: &Download,
-        tx: &watch::Sender<Progress>,
+        tx: &Arc<watch::Sender<Progress>>,
     ) -> Result<u64, MirrorError> {
         let digest = &dl.digest;
         let fail = |message: String| MirrorError::Download {
@@ -372,30 +373,49 @@ impl Mirror {
         }
         let _ = tx.send(Progress::Running { written: 0, total });
 
-        let mut writer = writer;
-        let mut written: u64 = 0;
+        // Receiving, and hashing + writing, run side by side: the body is
+        // handed to a writer on the blocking pool through a bounded channel,
+        // which keeps memory bounded and lets a slow disk slow the upstream.
+        let (bytes_tx, mut bytes_rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let progress = Arc::clone(tx);
+        let writing = tokio::task::spawn_blocking(move || {
+            let mut writer = writer;
+            let mut written = 0u64;
+            while let Some(bytes) = bytes_rx.blocking_recv() {
+                writer.write_all(&bytes)?;
+                written += bytes.len() as u64;
+                metrics::add(&METRICS.bytes_fetched, bytes.len() as u64);
+                let _ = progress.send(Progress::Running { written, total });
+            }
+            Ok::<_, StoreError>((writer, written))
+        });
+
+        let mut received: u64 = 0;
         let mut body = resp.into_body();
-        let mut batch = BytesMut::with_capacity(WRITE_BATCH);
         let mut resumes = 0;
         loop {
             let frame = tokio::time::timeout(BODY_IDLE_TIMEOUT, body.frame()).await;
-            let chunk: Option<Bytes> = match frame {
+            let data: Bytes = match frame {
                 Ok(Some(Ok(f))) => match f.into_data() {
-                    Ok(data) => Some(data),
+                    Ok(data) => data,
                     Err(_) => continue, // trailers
                 },
-                Ok(None) => None,
+                Ok(None) => break,
                 Ok(Some(Err(e))) => {
                     // Interrupted: resume from what we have, if the upstream can.
-                    let at = written + batch.len() as u64;
-                    match self.resume(host, repo, &target, at, &mut resumes).await {
+                    match self
+                        .resume(host, repo, &target, received, &mut resumes)
+                        .await
+                    {
                         Some(b) => {
-                            tracing::info!(%digest, at, error = %e, "resuming an interrupted blob download");
+                            tracing::info!(%digest, at = received, error = %e, "resuming an interrupted blob download");
                             body = b;
                             continue;
                         }
                         None => {
-                            return Err(fail(format!("upstream body failed after {at} bytes: {e}")))
+                            return Err(fail(format!(
+                                "upstream body failed after {received} bytes: {e}"
+                            )))
                         }
                     }
                 }
@@ -405,39 +425,36 @@ impl Mirror {
                     )))
                 }
             };
-            if let Some(data) = &chunk {
-                batch.extend_from_slice(data);
-                if let Some(t) = total {
-                    if written + batch.len() as u64 > t {
-                        return Err(fail(format!(
-                            "upstream sent more than its Content-Length {t}"
-                        )));
-                    }
-                }
+            received += data.len() as u64;
+            if total.is_some_and(|t| received > t) {
+                return Err(fail(format!(
+                    "upstream sent more than its Content-Length {}",
+                    total.unwrap_or(0)
+                )));
             }
-            if batch.len() >= WRITE_BATCH || (chunk.is_none() && !batch.is_empty()) {
-                let bytes = batch.split().freeze();
-                let n = bytes.len() as u64;
-                writer = tokio::task::spawn_blocking(move || {
-                    writer.write_all(&bytes)?;
-                    Ok::<_, StoreError>(writer)
-                })
-                .await??;
-                written += n;
-                metrics::add(&METRICS.bytes_fetched, n);
-                let _ = tx.send(Progress::Running { written, total });
-            }
-            if chunk.is_none() {
+            if bytes_tx.send(data).await.is_err() {
+                // The writer stopped: its error is the one to report.
                 break;
             }
         }
+        drop(bytes_tx);
+        let (writer, written) = writing.await??;
         if let Some(t) = total {
             if written != t {
                 return Err(fail(format!("upstream sent {written} of {t} bytes")));
             }
         }
         let expected = digest.clone();
-        tokio::task::spawn_blocking(move || writer.finish(&expected, written)?.commit()).await??;
+        let staged =
+            tokio::task::spawn_blocking(move || writer.verify(&expected, written)).await??;
+        // Verified: readers may have the last byte now; durability follows.
+        let _ = tx.send(Progress::Done { size: written });
+        let committed = tokio::task::spawn_blocking(move || staged.sync_and_commit()).await;
+        match committed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(%digest, error = %e, "verified blob could not be cached"),
+            Err(e) => tracing::warn!(%digest, error = %e, "verified blob could not be cached"),
+        }
         Ok(written)
     }
 

@@ -725,6 +725,37 @@ impl BlobWriter {
             .map_err(io_err("write", &self.path))
     }
 
+    /// Checks digest and size without waiting for the disk: what is verified
+    /// can be shown to readers at once; [`StagedBlob::sync_and_commit`] then
+    /// makes it durable.
+    pub fn verify(
+        mut self,
+        expected: &Digest,
+        expected_len: u64,
+    ) -> Result<StagedBlob, StoreError> {
+        let staged = StagedBlob {
+            from: std::mem::take(&mut self.path),
+            to: blob_path_in(&self.root, expected),
+        };
+        let hasher = std::mem::replace(&mut self.hasher, Hasher::new(expected.algorithm()));
+        let actual = hasher.finish();
+        if &actual != expected {
+            return Err(StoreError::DigestMismatch {
+                expected: expected.clone(),
+                actual,
+                size: self.len,
+            });
+        }
+        if self.len != expected_len {
+            return Err(StoreError::SizeMismatch {
+                digest: expected.clone(),
+                expected: expected_len,
+                actual: self.len,
+            });
+        }
+        Ok(staged)
+    }
+
     /// Checks digest and size, fsyncs, and returns the blob ready to commit.
     /// On a mismatch the temp file is removed.
     pub fn finish(
@@ -809,6 +840,14 @@ pub struct StagedBlob {
 }
 
 impl StagedBlob {
+    /// Fsyncs the verified bytes, then commits them.
+    pub fn sync_and_commit(self) -> Result<(), StoreError> {
+        File::open(&self.from)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err("fsync", &self.from))?;
+        self.commit()
+    }
+
     pub fn commit(self) -> Result<(), StoreError> {
         // `from` no longer exists on success; on failure Drop removes it.
         rename_durably(&self.from, &self.to)
