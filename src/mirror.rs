@@ -448,7 +448,7 @@ impl Mirror {
         let staged =
             tokio::task::spawn_blocking(move || writer.verify(&expected, written)).await??;
         // Verified: readers may have the last byte now; durability follows.
-        let _ = tx.send(Progress::Done { size: written });
+        let _ = tx.send(Progress::Verified { size: written });
         let committed = tokio::task::spawn_blocking(move || staged.sync_and_commit()).await;
         match committed {
             Ok(Ok(())) => {}
@@ -527,8 +527,18 @@ fn content_length(resp: &http::Response<Incoming>) -> Option<u64> {
 #[derive(Clone, Debug)]
 pub enum Progress {
     Starting,
-    Running { written: u64, total: Option<u64> },
-    Done { size: u64 },
+    Running {
+        written: u64,
+        total: Option<u64>,
+    },
+    /// Every byte is in and matches the digest; the cache commit follows.
+    Verified {
+        size: u64,
+    },
+    /// Committed to the cache.
+    Done {
+        size: u64,
+    },
     Failed(String),
 }
 
@@ -556,7 +566,7 @@ impl Download {
             .clone();
         match state {
             Progress::Running { total, .. } => Ok(total),
-            Progress::Done { size } => Ok(Some(size)),
+            Progress::Verified { size } | Progress::Done { size } => Ok(Some(size)),
             Progress::Failed(m) => Err(failed(&m)),
             Progress::Starting => Err(failed("the download task ended")),
         }
@@ -578,7 +588,7 @@ impl Download {
         let state = rx
             .wait_for(|p| match p {
                 Progress::Running { written, total } => sendable(*written, *total) > offset,
-                Progress::Done { .. } | Progress::Failed(_) => true,
+                Progress::Verified { .. } | Progress::Done { .. } | Progress::Failed(_) => true,
                 Progress::Starting => false,
             })
             .await
@@ -586,13 +596,16 @@ impl Download {
             .clone();
         match state {
             Progress::Running { written, total } => Ok(Some(sendable(written, total))),
-            Progress::Done { size } => Ok((offset < size).then_some(size)),
+            Progress::Verified { size } | Progress::Done { size } => {
+                Ok((offset < size).then_some(size))
+            }
             Progress::Failed(m) => Err(failed(&m)),
             Progress::Starting => Err(failed("the download task ended")),
         }
     }
 
-    /// Waits for the whole blob to be verified and cached; returns its size.
+    /// Waits for the whole blob to be verified and committed to the cache;
+    /// returns its size.
     pub async fn finished(&self) -> io::Result<u64> {
         let mut rx = self.progress.clone();
         let state = rx
