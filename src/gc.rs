@@ -128,11 +128,16 @@ fn closure(store: &Store, roots: &[ManifestVariant]) -> BTreeSet<Digest> {
 
 /// Every image in the cache, least recently used first.
 pub fn images(store: &Store, usage: &HashMap<Digest, u64>) -> Result<Vec<CachedImage>, StoreError> {
-    let sizes: HashMap<Digest, u64> = store
-        .all_blobs()?
-        .into_iter()
-        .map(|(d, size, _)| (d, size))
-        .collect();
+    images_of(store, usage, &store.all_blobs()?)
+}
+
+/// [`images`], given the store's blobs (as [`Store::all_blobs`] lists them).
+fn images_of(
+    store: &Store,
+    usage: &HashMap<Digest, u64>,
+    blobs: &[(Digest, u64, u64)],
+) -> Result<Vec<CachedImage>, StoreError> {
+    let sizes: HashMap<&Digest, u64> = blobs.iter().map(|(d, size, _)| (d, *size)).collect();
     let used = |manifests: &[ManifestVariant], fallback: u64| {
         manifests
             .iter()
@@ -211,7 +216,7 @@ pub fn collect(
     if size_before <= max_bytes {
         return Ok(report);
     }
-    let images = images(store, usage)?;
+    let images = images_of(store, usage, &blobs)?;
     let mut refs: HashMap<&Digest, usize> = HashMap::new();
     for img in &images {
         for d in &img.blobs {

@@ -374,22 +374,7 @@ impl Store {
 
     /// The total size of all blobs.
     pub fn blob_bytes(&self) -> Result<u64, StoreError> {
-        let mut total = 0;
-        let blobs = self.root.join("blobs");
-        let algs = match fs::read_dir(&blobs) {
-            Ok(a) => a,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(io_err("read", &blobs)(e)),
-        };
-        for alg in algs {
-            let dir = alg.map_err(io_err("read", &blobs))?.path();
-            for entry in fs::read_dir(&dir).map_err(io_err("read", &dir))? {
-                if let Ok(meta) = entry.map_err(io_err("read", &dir))?.metadata() {
-                    total += meta.len();
-                }
-            }
-        }
-        Ok(total)
+        Ok(self.all_blobs()?.iter().map(|(_, size, _)| size).sum())
     }
 
     /// When each manifest was last served (seconds since the epoch), as saved
@@ -725,14 +710,9 @@ impl BlobWriter {
             .map_err(io_err("write", &self.path))
     }
 
-    /// Checks digest and size without waiting for the disk: what is verified
-    /// can be shown to readers at once; [`StagedBlob::sync_and_commit`] then
-    /// makes it durable.
-    pub fn verify(
-        mut self,
-        expected: &Digest,
-        expected_len: u64,
-    ) -> Result<StagedBlob, StoreError> {
+    /// Hands the temp file to a [`StagedBlob`] (which removes it on error)
+    /// and checks digest and size.
+    fn check(&mut self, expected: &Digest, expected_len: u64) -> Result<StagedBlob, StoreError> {
         let staged = StagedBlob {
             from: std::mem::take(&mut self.path),
             to: blob_path_in(&self.root, expected),
@@ -756,6 +736,17 @@ impl BlobWriter {
         Ok(staged)
     }
 
+    /// Checks digest and size without waiting for the disk: what is verified
+    /// can be shown to readers at once; [`StagedBlob::sync_and_commit`] then
+    /// makes it durable.
+    pub fn verify(
+        mut self,
+        expected: &Digest,
+        expected_len: u64,
+    ) -> Result<StagedBlob, StoreError> {
+        self.check(expected, expected_len)
+    }
+
     /// Checks digest and size, fsyncs, and returns the blob ready to commit.
     /// On a mismatch the temp file is removed.
     pub fn finish(
@@ -763,27 +754,7 @@ impl BlobWriter {
         expected: &Digest,
         expected_len: u64,
     ) -> Result<StagedBlob, StoreError> {
-        // From here the StagedBlob owns the temp file (and removes it on error).
-        let staged = StagedBlob {
-            from: std::mem::take(&mut self.path),
-            to: blob_path_in(&self.root, expected),
-        };
-        let hasher = std::mem::replace(&mut self.hasher, Hasher::new(expected.algorithm()));
-        let actual = hasher.finish();
-        if &actual != expected {
-            return Err(StoreError::DigestMismatch {
-                expected: expected.clone(),
-                actual,
-                size: self.len,
-            });
-        }
-        if self.len != expected_len {
-            return Err(StoreError::SizeMismatch {
-                digest: expected.clone(),
-                expected: expected_len,
-                actual: self.len,
-            });
-        }
+        let staged = self.check(expected, expected_len)?;
         self.file
             .sync_all()
             .map_err(io_err("fsync", &staged.from))?;

@@ -829,13 +829,17 @@ fn echo_cmd(message: &str) -> Value {
     json!(["/bin/sh", "-c", format!("echo {message}")])
 }
 
-fn single_image(dir: &Path, tag: &str, message: &str, types: &MediaTypes) -> TestImage {
-    init_layout(dir);
-    let (layer, diff_id) = busybox_layer();
-    let (layer_digest, layer_size) = write_blob(dir, layer);
-    let layers = [(layer_digest.clone(), layer_size, diff_id.clone())];
+/// Writes the manifest and `index.json` of a one-platform image whose
+/// layers are already in `dir`, and describes it.
+fn image_layout(
+    dir: &Path,
+    tag: &str,
+    types: &MediaTypes,
+    cmd: Value,
+    layers: &[(String, u64, String)], // (digest, size, diff_id)
+) -> TestImage {
     let (manifest_bytes, config_bytes, config_digest) =
-        write_image_manifest(dir, types, host_arch(), echo_cmd(message), &layers);
+        write_image_manifest(dir, types, host_arch(), cmd, layers);
     let (manifest_digest, manifest_size) = write_blob(dir, &manifest_bytes);
     write_index_json(dir, types.manifest, &manifest_digest, manifest_size, tag);
     TestImage {
@@ -846,10 +850,18 @@ fn single_image(dir: &Path, tag: &str, message: &str, types: &MediaTypes) -> Tes
         manifest_bytes,
         config_digest,
         config_bytes,
-        layer_digests: vec![layer_digest],
-        layer_sizes: vec![layer_size],
+        layer_digests: layers.iter().map(|l| l.0.clone()).collect(),
+        layer_sizes: layers.iter().map(|l| l.1).collect(),
         platforms: Vec::new(),
     }
+}
+
+fn single_image(dir: &Path, tag: &str, message: &str, types: &MediaTypes) -> TestImage {
+    init_layout(dir);
+    let (layer, diff_id) = busybox_layer();
+    let (layer_digest, layer_size) = write_blob(dir, layer);
+    let layers = [(layer_digest, layer_size, diff_id.clone())];
+    image_layout(dir, tag, types, echo_cmd(message), &layers)
 }
 
 /// An OCI-typed busybox image whose `Cmd` echoes `message`.
@@ -938,23 +950,8 @@ pub fn blob_layout(dir: &Path, tag: &str, size: u64) -> TestImage {
         layer: OCI_LAYER_TAR,
         ..OCI_TYPES
     };
-    let layers = [(layer_digest.clone(), size, layer_digest.clone())];
-    let (manifest_bytes, config_bytes, config_digest) =
-        write_image_manifest(dir, &types, host_arch(), json!(["/bin/true"]), &layers);
-    let (manifest_digest, manifest_size) = write_blob(dir, &manifest_bytes);
-    write_index_json(dir, OCI_MANIFEST, &manifest_digest, manifest_size, tag);
-    TestImage {
-        dir: dir.to_path_buf(),
-        tag: tag.into(),
-        media_type: OCI_MANIFEST.into(),
-        manifest_digest,
-        manifest_bytes,
-        config_digest,
-        config_bytes,
-        layer_digests: vec![layer_digest],
-        layer_sizes: vec![size],
-        platforms: Vec::new(),
-    }
+    let layers = [(layer_digest.clone(), size, layer_digest)];
+    image_layout(dir, tag, &types, json!(["/bin/true"]), &layers)
 }
 
 /// The bytes [`blob_layout`] writes for `size` (in memory; for small sizes).
@@ -1607,22 +1604,7 @@ pub fn layers_layout(dir: &Path, tag: &str, layers: &[(Vec<u8>, String)]) -> Tes
         let (d, s) = write_blob(dir, blob);
         descs.push((d, s, diff_id.clone()));
     }
-    let (manifest_bytes, config_bytes, config_digest) =
-        write_image_manifest(dir, &OCI_TYPES, host_arch(), json!(["/bin/true"]), &descs);
-    let (manifest_digest, manifest_size) = write_blob(dir, &manifest_bytes);
-    write_index_json(dir, OCI_MANIFEST, &manifest_digest, manifest_size, tag);
-    TestImage {
-        dir: dir.to_path_buf(),
-        tag: tag.into(),
-        media_type: OCI_MANIFEST.into(),
-        manifest_digest,
-        manifest_bytes,
-        config_digest,
-        config_bytes,
-        layer_digests: descs.iter().map(|d| d.0.clone()).collect(),
-        layer_sizes: descs.iter().map(|d| d.1).collect(),
-        platforms: Vec::new(),
-    }
+    image_layout(dir, tag, &OCI_TYPES, json!(["/bin/true"]), &descs)
 }
 
 /// Two layers. The lower one has `/etc/{passwd,hostname,gone}`,
