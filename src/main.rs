@@ -10,17 +10,17 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use nixery_local::blobserve::{Blobserve, BlobserveSettings};
-use nixery_local::builder::NixImages;
 use nixery_local::config::{ConfigError, Options, Settings};
-use nixery_local::gc::{self, Usage};
 use nixery_local::http::{self, ServerOptions};
-use nixery_local::mirror::Mirror;
-use nixery_local::reference::{ImageRef, RepoName, Tag};
+use nixery_local::oci::reference::{ImageRef, RepoName, Tag};
+use nixery_local::ops::setup::SetupCommand;
+use nixery_local::ops::systemd;
 use nixery_local::registry::Registry;
-use nixery_local::setup::SetupCommand;
+use nixery_local::sources::mirror::upstream::Upstreams;
+use nixery_local::sources::mirror::Mirror;
+use nixery_local::sources::nix::NixImages;
+use nixery_local::store::gc::{self, Usage};
 use nixery_local::store::Store;
-use nixery_local::systemd;
-use nixery_local::upstream::Upstreams;
 
 /// sysexits' EX_USAGE: the command line or config file is wrong.
 const EXIT_USAGE: u8 = 64;
@@ -255,7 +255,7 @@ fn import(
     reference: &ImageRef,
 ) -> anyhow::Result<()> {
     let store = open_store(settings)?;
-    let digest = nixery_local::import::import_layout(&store, layout, reference)
+    let digest = nixery_local::sources::layout::import_layout(&store, layout, reference)
         .with_context(|| format!("importing {} as {reference}", layout.display()))?;
     println!("imported {reference} {digest}");
     Ok(())
@@ -302,7 +302,7 @@ fn build(settings: &Settings, name: &str) -> anyhow::Result<()> {
 }
 
 fn setup(client: &SetupCommand, settings: &Settings) -> anyhow::Result<()> {
-    nixery_local::setup::run(client, settings, &mut std::io::stdout().lock())?;
+    nixery_local::ops::setup::run(client, settings, &mut std::io::stdout().lock())?;
     Ok(())
 }
 
@@ -500,7 +500,7 @@ fn prefetch(settings: &Settings, upstreams: Upstreams, refs: &[ImageRef]) -> any
         for image in refs {
             println!("{image}");
             let mut out = std::io::stdout();
-            match nixery_local::prefetch::prefetch(&registry, image, &mut out).await {
+            match nixery_local::registry::prefetch::prefetch(&registry, image, &mut out).await {
                 Ok(p) => println!(
                     "prefetched {image} {} ({} blobs, {} bytes)",
                     p.digest.map(|d| d.to_string()).unwrap_or_default(),
@@ -519,8 +519,8 @@ fn prefetch(settings: &Settings, upstreams: Upstreams, refs: &[ImageRef]) -> any
 }
 
 fn doctor(settings: &Settings) -> ExitCode {
-    use nixery_local::doctor::Verdict;
-    let checks = nixery_local::doctor::run(settings);
+    use nixery_local::ops::doctor::Verdict;
+    let checks = nixery_local::ops::doctor::run(settings);
     let mut failed = false;
     for c in &checks {
         let mark = match c.verdict {

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::builder::{NixSettings, SourceSetting};
-use crate::layers::{Compression, Popularity};
-use crate::nix::{NixConfig, PkgSource};
-use crate::reference::RegistryHost;
-use crate::upstream::{Credential, UpstreamSettings};
+use crate::oci::reference::RegistryHost;
+use crate::sources::mirror::upstream::{Credential, UpstreamSettings};
+use crate::sources::nix::layers::{Compression, Popularity};
+use crate::sources::nix::runner::{NixConfig, PkgSource};
+use crate::sources::nix::{NixSettings, SourceSetting};
 
 /// Loopback only by default: the daemon serves whatever its cache holds to
 /// anyone who can connect.
@@ -37,7 +37,7 @@ pub enum ConfigError {
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid default registry: {0}")]
-    DefaultRegistry(#[from] crate::reference::NameError),
+    DefaultRegistry(#[from] crate::oci::reference::NameError),
     #[error("no state directory: pass --state-dir, or set STATE_DIRECTORY or a home directory")]
     NoStateDir,
     #[error("{0} must be at least 1")]
@@ -303,7 +303,7 @@ impl Options {
         let default_registry = self
             .default_registry
             .as_deref()
-            .unwrap_or(crate::reference::DOCKER_HUB)
+            .unwrap_or(crate::oci::reference::DOCKER_HUB)
             .parse()?;
         let header_timeout = self.header_timeout.unwrap_or(DEFAULT_HEADER_TIMEOUT_SECS);
         if header_timeout == 0 {
@@ -416,7 +416,7 @@ impl Options {
         }
         let namespace = self.nix_namespace.clone().unwrap_or_else(|| "nix".into());
         namespace
-            .parse::<crate::reference::RepoName>()
+            .parse::<crate::oci::reference::RepoName>()
             .ok()
             .filter(|n| !n.as_str().contains('/'))
             .ok_or_else(|| {
@@ -441,7 +441,9 @@ impl Options {
             .as_deref()
             .unwrap_or(DEFAULT_LAYER_COMPRESSION)
             .parse()
-            .map_err(|e: crate::layers::UnknownCompression| ConfigError::Nix(e.to_string()))?;
+            .map_err(|e: crate::sources::nix::layers::UnknownCompression| {
+                ConfigError::Nix(e.to_string())
+            })?;
         let mut options = Vec::new();
         for o in &self.nix_option {
             let (k, v) = o

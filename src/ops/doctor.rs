@@ -7,9 +7,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::Duration;
 
-use crate::builder::SourceSetting;
 use crate::config::Settings;
-use crate::nix::{Nix, PkgSource};
+use crate::sources::nix::runner::{Nix, PkgSource};
+use crate::sources::nix::SourceSetting;
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 pub enum Verdict {

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::{Options, Settings};
-use crate::reference::{RegistryHost, DOCKER_HUB};
+use crate::oci::reference::{RegistryHost, DOCKER_HUB};
 
 /// First line of every file setup owns; a file without it is the user's.
 pub const MARKER: &str = "# Managed by nixery-local setup";

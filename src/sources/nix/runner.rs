@@ -8,7 +8,7 @@
 //!   a deadline, process-group kill on timeout and the useful tail of Nix's
 //!   stderr in every error;
 //! - [`ClosureGraph`]: the runtime closure of what was built, with NAR sizes
-//!   and references, which [`crate::layers`] turns into layers.
+//!   and references, which [`crate::sources::nix::layers`] turns into layers.
 //!
 //! Names never reach Nix as code. One constant expression ([`REQUEST_EXPR`])
 //! takes the request as JSON through `--argstr request` and resolves every
@@ -1280,7 +1280,7 @@ fn tail_lines(stream: Option<impl Read>, keep: usize) -> String {
         if text.trim().is_empty() {
             continue;
         }
-        tracing::debug!(target: "nixery_local::nix::stderr", "{text}");
+        tracing::debug!(target: "nixery_local::sources::nix::runner::stderr", "{text}");
         if tail.len() == keep {
             tail.pop_front();
         }

@@ -12,7 +12,7 @@
 //!   another host, and never logged.
 //!
 //! This module returns responses with their bodies unread; verifying what
-//! they carry is [`crate::mirror`]'s job.
+//! they carry is [`crate::sources::mirror`]'s job.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -36,9 +36,9 @@ use hyper_util::rt::TokioExecutor;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
-use crate::digest::Digest;
-use crate::metrics::{self, METRICS};
-use crate::reference::{RegistryHost, RepoName, DOCKER_HUB};
+use crate::oci::digest::Digest;
+use crate::oci::reference::{RegistryHost, RepoName, DOCKER_HUB};
+use crate::telemetry::metrics::{self, METRICS};
 
 /// Redirects followed per request (blobs are often one hop to a CDN).
 const MAX_REDIRECTS: usize = 5;

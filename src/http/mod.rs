@@ -6,6 +6,9 @@
 //! graceful shutdown, and the one place where service errors become the OCI
 //! error envelope ([`ApiError`]).
 
+pub mod chunks;
+pub mod status_page;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -27,16 +30,16 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::blobserve::{Blobserve, BlobserveError, FileRequest, Found};
-use crate::builder::BuildError;
-use crate::chunks::ChunkPool;
-use crate::digest::Digest;
-use crate::metrics::{self, METRICS};
-use crate::mirror::Download;
-use crate::nix::NixError;
-use crate::reference::{NameError, Reference, RegistryHost, RepoName};
+use crate::http::chunks::ChunkPool;
+use crate::http::status_page::EVENTS;
+use crate::oci::digest::Digest;
+use crate::oci::reference::{NameError, Reference, RegistryHost, RepoName};
 use crate::registry::{Accept, Blob, BlobSource, Registry, RegistryError};
-use crate::status::EVENTS;
+use crate::sources::mirror::Download;
+use crate::sources::nix::runner::NixError;
+use crate::sources::nix::BuildError;
 use crate::store::BlobFile;
+use crate::telemetry::metrics::{self, METRICS};
 
 pub type Body = UnsyncBoxBody<Bytes, io::Error>;
 
@@ -44,7 +47,7 @@ pub type Body = UnsyncBoxBody<Bytes, io::Error>;
 /// overhead vanishes (4 KiB chunks run at a twentieth of the speed).
 const CHUNK: usize = 1 << 20;
 
-/// At most this many large chunks exist (see [`crate::chunks`]): two per
+/// At most this many large chunks exist (see [`crate::http::chunks`]): two per
 /// stream (one being sent, one read ahead) for 16 clients at full speed.
 const LARGE_CHUNKS: usize = 32;
 
@@ -405,7 +408,7 @@ async fn dispatch(
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .unwrap_or("127.0.0.1:7733");
-        let page = crate::status::render(addr, &images, bytes, app.cache_limit);
+        let page = crate::http::status_page::render(addr, &images, bytes, app.cache_limit);
         let mut resp = Response::new(full(Bytes::from(page)));
         resp.headers_mut().insert(
             header::CONTENT_TYPE,

@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::digest::Digest;
-use crate::manifest::{self, Children, Descriptor, ManifestError};
-use crate::reference::ImageRef;
+use crate::oci::digest::Digest;
+use crate::oci::manifest::{self, Children, Descriptor, ManifestError};
+use crate::oci::reference::ImageRef;
 use crate::store::{ManifestVariant, StagedBlob, Store, StoreError, TagRecord, MAX_MANIFEST_SIZE};
 
 #[derive(Debug, thiserror::Error)]

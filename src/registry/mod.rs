@@ -5,17 +5,19 @@
 //!
 //! The store is synchronous, so every call into it runs on the blocking pool.
 
+pub mod prefetch;
+
 use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::builder::{BuildError, NixImages};
-use crate::digest::Digest;
-use crate::gc::{CachedImage, Usage};
-use crate::metrics::{self, METRICS};
-use crate::mirror::{Download, Mirror, MirrorError};
-use crate::reference::{Reference, RegistryHost, RepoName};
+use crate::oci::digest::Digest;
+use crate::oci::reference::{Reference, RegistryHost, RepoName};
+use crate::sources::mirror::{Download, Mirror, MirrorError};
+use crate::sources::nix::{BuildError, NixImages};
+use crate::store::gc::{CachedImage, Usage};
 use crate::store::{BlobFile, Store, StoreError, TagRecord};
+use crate::telemetry::metrics::{self, METRICS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -304,7 +306,7 @@ impl Registry {
     /// Every cached image, least recently used first (the status page).
     pub async fn cached_images(&self) -> Result<Vec<CachedImage>, RegistryError> {
         let usage = self.usage.snapshot();
-        self.blocking(move |store| Ok(crate::gc::images(store, &usage)?))
+        self.blocking(move |store| Ok(crate::store::gc::images(store, &usage)?))
             .await
     }
 
@@ -345,7 +347,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reference::Tag;
+    use crate::oci::reference::Tag;
     use crate::store::{ManifestVariant, TagRecord};
 
     const OCI: &str = "application/vnd.oci.image.manifest.v1+json";

@@ -12,6 +12,8 @@
 //!   its digest and size check out; otherwise every reader's stream fails,
 //!   so no client takes a short or wrong body for a whole one.
 
+pub mod upstream;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
@@ -25,13 +27,13 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::sync::{mpsc, watch};
 
-use crate::digest::{Digest, Hasher};
-use crate::manifest;
-use crate::metrics::{self, METRICS};
-use crate::reference::{RegistryHost, RepoName, Tag};
+use crate::oci::digest::{Digest, Hasher};
+use crate::oci::manifest;
+use crate::oci::reference::{RegistryHost, RepoName, Tag};
 use crate::registry::Accept;
+use crate::sources::mirror::upstream::{Target, UpstreamError, Upstreams};
 use crate::store::{ManifestVariant, Store, StoreError, TagRecord, MAX_MANIFEST_SIZE};
-use crate::upstream::{Target, UpstreamError, Upstreams};
+use crate::telemetry::metrics::{self, METRICS};
 
 /// Body frames waiting for the writer (hyper's frames are at most a few
 /// hundred KiB, so this bounds a download's memory to a few MiB).

@@ -17,10 +17,12 @@
 //! so a reader sees either nothing or complete, verified bytes, whatever
 //! happens to the writer. Repository components cannot start with `_`, so
 //! `_manifests` never collides with a name. All inputs are validated types
-//! from [`crate::reference`] and [`crate::digest`], so paths cannot escape.
+//! from [`crate::oci::reference`] and [`crate::oci::digest`], so paths cannot escape.
 //!
 //! The store is synchronous: callers on the async runtime use
 //! `spawn_blocking` (see [`crate::registry`]).
+
+pub mod gc;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -32,8 +34,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::digest::{Digest, Hasher};
-use crate::reference::{RegistryHost, RepoName, Tag};
+use crate::oci::digest::{Digest, Hasher};
+use crate::oci::reference::{RegistryHost, RepoName, Tag};
 
 /// Manifests larger than this are refused (containerd refuses over ~4 MB too).
 pub const MAX_MANIFEST_SIZE: u64 = 4 << 20;
@@ -466,7 +468,7 @@ impl Store {
     /// A new temp file for writing a blob whose digest is checked on commit.
     pub fn blob_writer(
         &self,
-        algorithm: crate::digest::Algorithm,
+        algorithm: crate::oci::digest::Algorithm,
     ) -> Result<BlobWriter, StoreError> {
         let (path, file) = self.temp_file()?;
         Ok(BlobWriter {
@@ -864,7 +866,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
         let mut w = store
-            .blob_writer(crate::digest::Algorithm::Sha256)
+            .blob_writer(crate::oci::digest::Algorithm::Sha256)
             .expect("writer");
         w.write_all(b"built ").expect("write");
         w.write_all(b"layer").expect("write");

@@ -13,12 +13,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::builder::NixImageRecord;
-use crate::digest::Digest;
-use crate::manifest::{self, Children};
-use crate::metrics::{self, METRICS};
-use crate::reference::{RegistryHost, RepoName, Tag};
+use crate::oci::digest::Digest;
+use crate::oci::manifest::{self, Children};
+use crate::oci::reference::{RegistryHost, RepoName, Tag};
+use crate::sources::nix::NixImageRecord;
 use crate::store::{ManifestVariant, RecordKind, Store, StoreError};
+use crate::telemetry::metrics::{self, METRICS};
 
 /// Blobs younger than this are never collected.
 pub const MIN_AGE: Duration = Duration::from_secs(600);

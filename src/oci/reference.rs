@@ -8,7 +8,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::digest::{Digest, DigestError};
+use crate::oci::digest::{Digest, DigestError};
 
 /// The spec's limit on a repository name (many clients limit host + name to 255).
 pub const MAX_NAME_LEN: usize = 255;

@@ -5,9 +5,9 @@
 
 use std::io::Write;
 
-use crate::digest::Digest;
-use crate::manifest::{self, Children};
-use crate::reference::{ImageRef, Reference};
+use crate::oci::digest::Digest;
+use crate::oci::manifest::{self, Children};
+use crate::oci::reference::{ImageRef, Reference};
 use crate::registry::{Accept, BlobSource, Registry, RegistryError};
 
 /// The OCI name of this machine's architecture.
@@ -73,10 +73,12 @@ pub async fn prefetch(
                     let size = match &blob.source {
                         BlobSource::Stored(f) => f.len(),
                         BlobSource::Downloading(d) => d.finished().await.map_err(|e| {
-                            RegistryError::UpstreamBlob(crate::mirror::MirrorError::Download {
-                                digest: desc.digest.clone(),
-                                message: e.to_string(),
-                            })
+                            RegistryError::UpstreamBlob(
+                                crate::sources::mirror::MirrorError::Download {
+                                    digest: desc.digest.clone(),
+                                    message: e.to_string(),
+                                },
+                            )
                         })?,
                     };
                     done.blobs += 1;

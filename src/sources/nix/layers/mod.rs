@@ -34,8 +34,8 @@ use petgraph::algo::dominators;
 use petgraph::graph::{DiGraph, NodeIndex};
 use serde::{Deserialize, Serialize};
 
-use crate::digest::{Algorithm, Digest, Hasher};
-use crate::nix::ClosureGraph;
+use crate::oci::digest::{Algorithm, Digest, Hasher};
+use crate::sources::nix::runner::ClosureGraph;
 
 /// Where store paths live, and their prefix inside layer tarballs.
 pub const STORE_DIR: &str = "/nix/store";
@@ -1148,7 +1148,7 @@ fn write_tree<W: Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nix::StorePathInfo;
+    use crate::sources::nix::runner::StorePathInfo;
     use std::os::unix::fs::symlink;
 
     fn write(path: &Path, data: &[u8], mode: u32) {
@@ -1665,8 +1665,8 @@ mod tests {
 
     // --- Against the real store ------------------------------------------
 
-    fn built_closure(name: &str) -> crate::nix::BuiltImage {
-        use crate::nix::{ImageName, Nix, NixConfig, PkgSource};
+    fn built_closure(name: &str) -> crate::sources::nix::runner::BuiltImage {
+        use crate::sources::nix::runner::{ImageName, Nix, NixConfig, PkgSource};
         let nix = Nix::new(NixConfig {
             options: vec![("substituters".into(), String::new())],
             ..NixConfig::default()

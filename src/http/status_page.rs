@@ -1,14 +1,14 @@
 //! The status page at `/`: what is cached, recent pulls and builds with
 //! their durations and errors, and the client setup to copy. This module
 //! owns the in-memory log of recent events and the page's HTML; the data
-//! about the cache comes from [`crate::gc::images`] through the registry.
+//! about the cache comes from [`crate::store::gc::images`] through the registry.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::gc::CachedImage;
+use crate::store::gc::CachedImage;
 
 /// Events kept for the page.
 const RECENT: usize = 50;

@@ -1,6 +1,6 @@
 //! Nix images as a source of the cache: decides which repositories are Nix
-//! images, builds them into the store (evaluation and builds by [`crate::nix`],
-//! layers by [`crate::layers`], config and manifests by [`crate::image`]),
+//! images, builds them into the store (evaluation and builds by [`crate::sources::nix::runner`],
+//! layers by [`crate::sources::nix::layers`], config and manifests by [`crate::sources::nix::image`]),
 //! and remembers what it built.
 //!
 //! - A built image is a [`NixImageRecord`] keyed by the hash of everything
@@ -14,6 +14,10 @@
 //!   own task: a client that disconnects does not cancel it.
 //! - Each image's closure is kept alive by a GC root under the state dir.
 
+pub mod image;
+pub mod layers;
+pub mod runner;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -22,14 +26,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Semaphore};
 
-use crate::digest::{Algorithm, Digest};
-use crate::image::{self, ImageError, ImageLayer, ImageSpec, Platform};
-use crate::layers::{self, Compression, LayerError, LayerGroup, LayerInfo, Popularity};
-use crate::manifest::{DOCKER_MANIFEST, OCI_MANIFEST};
-use crate::metrics::{self, METRICS};
-use crate::nix::{ImageName, ImageNameError, Nix, NixConfig, NixError, PkgSource};
-use crate::reference::{RegistryHost, RepoName, Tag};
+use self::image::{ImageError, ImageLayer, ImageSpec, Platform};
+use self::layers::{Compression, LayerError, LayerGroup, LayerInfo, Popularity};
+use crate::oci::digest::{Algorithm, Digest};
+use crate::oci::manifest::{DOCKER_MANIFEST, OCI_MANIFEST};
+use crate::oci::reference::{RegistryHost, RepoName, Tag};
+use crate::sources::nix::runner::{ImageName, ImageNameError, Nix, NixConfig, NixError, PkgSource};
 use crate::store::{ManifestVariant, RecordKind, Store, StoreError};
+use crate::telemetry::metrics::{self, METRICS};
 
 /// Bump when a change alters the bytes built for the same inputs.
 const FORMAT_VERSION: u32 = 1;
@@ -307,7 +311,7 @@ impl NixImages {
             Err(_) => &METRICS.nix_build_failures,
         };
         metrics::add(counter, 1);
-        crate::status::EVENTS.record(
+        crate::http::status_page::EVENTS.record(
             "build",
             shown_name,
             started.elapsed(),
@@ -538,7 +542,7 @@ impl NixImages {
     fn layer(&self, group: &LayerGroup) -> LayerOutcome {
         let compression = self.settings.compression;
         let key = {
-            let mut h = crate::digest::Hasher::new(Algorithm::Sha256);
+            let mut h = crate::oci::digest::Hasher::new(Algorithm::Sha256);
             h.update(group.id().to_string().as_bytes());
             h.update(compression.as_str().as_bytes());
             h.finish()

@@ -34,11 +34,11 @@ use bytes::Bytes;
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::digest::Digest;
-use crate::manifest;
-use crate::mirror::Download;
-use crate::reference::{NameError, Reference, RegistryHost, RepoName};
+use crate::oci::digest::Digest;
+use crate::oci::manifest;
+use crate::oci::reference::{NameError, Reference, RegistryHost, RepoName};
 use crate::registry::{Accept, BlobSource, Registry, RegistryError};
+use crate::sources::mirror::Download;
 use crate::store::BlobFile;
 
 /// Symlinks followed in one lookup before giving up (as Linux's ELOOP).

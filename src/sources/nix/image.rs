@@ -8,9 +8,9 @@
 
 use serde::Serialize;
 
-use crate::digest::Digest;
-use crate::layers::{LayerInfo, CA_BUNDLE};
-use crate::manifest::{DOCKER_MANIFEST, OCI_MANIFEST};
+use crate::oci::digest::Digest;
+use crate::oci::manifest::{DOCKER_MANIFEST, OCI_MANIFEST};
+use crate::sources::nix::layers::{LayerInfo, CA_BUNDLE};
 
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
@@ -94,7 +94,7 @@ pub fn describe_paths<S: AsRef<str>>(paths: &[S]) -> String {
     const MAX: usize = 200;
     let mut out = String::from("nix store paths:");
     for (i, p) in paths.iter().enumerate() {
-        let name = crate::layers::package_name(p.as_ref());
+        let name = crate::sources::nix::layers::package_name(p.as_ref());
         if out.len() + name.len() + 1 > MAX {
             out.push_str(&format!(" (+{} more)", paths.len() - i));
             break;
@@ -236,7 +236,7 @@ pub fn build_manifests(spec: &ImageSpec) -> Result<ImageManifests, ImageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layers::Compression;
+    use crate::sources::nix::layers::Compression;
 
     fn layer(n: u8, compression: Compression) -> ImageLayer {
         ImageLayer {

@@ -1,0 +1,7 @@
+//! The vocabulary of the OCI distribution and image specs: digests, names
+//! and references, media types and manifest structure. Everything above
+//! speaks in these types; nothing here does I/O.
+
+pub mod digest;
+pub mod manifest;
+pub mod reference;

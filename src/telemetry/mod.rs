@@ -1,0 +1,3 @@
+//! What the daemon tells about itself: counters for `/metrics`.
+
+pub mod metrics;
