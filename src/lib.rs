@@ -9,3 +9,4 @@ pub mod registry;
 pub mod sources;
 pub mod store;
 pub mod telemetry;
+pub mod util;

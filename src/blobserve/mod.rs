@@ -34,10 +34,11 @@ use bytes::Bytes;
 use serde::Deserialize;
 use tokio::sync::watch;
 
+use crate::oci::accept::Accept;
 use crate::oci::digest::Digest;
 use crate::oci::manifest;
 use crate::oci::reference::{NameError, Reference, RegistryHost, RepoName};
-use crate::registry::{Accept, BlobSource, Registry, RegistryError};
+use crate::registry::{BlobSource, Registry, RegistryError};
 use crate::sources::mirror::Download;
 use crate::store::BlobFile;
 

@@ -31,14 +31,15 @@ use tokio::sync::Semaphore;
 
 use crate::blobserve::{Blobserve, BlobserveError, FileRequest, Found};
 use crate::http::chunks::ChunkPool;
-use crate::http::status_page::EVENTS;
+use crate::oci::accept::Accept;
 use crate::oci::digest::Digest;
 use crate::oci::reference::{NameError, Reference, RegistryHost, RepoName};
-use crate::registry::{Accept, Blob, BlobSource, Registry, RegistryError};
+use crate::registry::{Blob, BlobSource, Registry, RegistryError};
 use crate::sources::mirror::Download;
 use crate::sources::nix::runner::NixError;
 use crate::sources::nix::BuildError;
 use crate::store::BlobFile;
+use crate::telemetry::events::EVENTS;
 use crate::telemetry::metrics::{self, METRICS};
 
 pub type Body = UnsyncBoxBody<Bytes, io::Error>;
@@ -893,37 +894,6 @@ fn listing_html(base: &str, listing: &crate::blobserve::Listing, query: Option<&
     html
 }
 
-/// An HTTP date (RFC 9110 IMF-fixdate) for `t`.
-fn http_date(t: std::time::SystemTime) -> String {
-    let secs = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil date from days since the epoch (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    format!(
-        "{}, {day:02} {} {year} {:02}:{:02}:{:02} GMT",
-        WEEKDAYS[days.rem_euclid(7) as usize],
-        MONTHS[(month - 1) as usize],
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
 fn file_response(
     chunks: &Arc<ChunkPool>,
     hit: crate::blobserve::FileHit,
@@ -993,7 +963,7 @@ fn file_response(
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     insert_str(h, header::ETAG, &etag);
     if let Some(m) = hit.modified {
-        insert_str(h, header::LAST_MODIFIED, &http_date(m));
+        insert_str(h, header::LAST_MODIFIED, &crate::util::time::http_date(m));
     }
     resp
 }
@@ -1151,9 +1121,12 @@ mod tests {
     #[test]
     fn http_dates_and_percent_decoding() {
         let t = std::time::UNIX_EPOCH + Duration::from_secs(784_111_777);
-        assert_eq!(http_date(t), "Sun, 06 Nov 1994 08:49:37 GMT");
         assert_eq!(
-            http_date(std::time::UNIX_EPOCH),
+            crate::util::time::http_date(t),
+            "Sun, 06 Nov 1994 08:49:37 GMT"
+        );
+        assert_eq!(
+            crate::util::time::http_date(std::time::UNIX_EPOCH),
             "Thu, 01 Jan 1970 00:00:00 GMT"
         );
         assert_eq!(percent_decode("a%20b%2Fc").as_deref(), Some("a b/c"));

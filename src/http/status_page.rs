@@ -1,68 +1,13 @@
 //! The status page at `/`: what is cached, recent pulls and builds with
 //! their durations and errors, and the client setup to copy. This module
-//! owns the in-memory log of recent events and the page's HTML; the data
+//! owns the page's HTML; the events come from [`crate::telemetry::events`], the data
 //! about the cache comes from [`crate::store::gc::images`] through the registry.
 
-use std::collections::VecDeque;
 use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::store::gc::CachedImage;
-
-/// Events kept for the page.
-const RECENT: usize = 50;
-
-#[derive(Clone, Debug)]
-pub struct Event {
-    /// Seconds since the epoch.
-    pub at: u64,
-    pub kind: &'static str,
-    pub name: String,
-    pub duration: Duration,
-    /// `None` when it went well.
-    pub error: Option<String>,
-}
-
-/// The most recent pulls and builds, newest first.
-pub struct Events {
-    recent: Mutex<VecDeque<Event>>,
-}
-
-pub static EVENTS: Events = Events {
-    recent: Mutex::new(VecDeque::new()),
-};
-
-impl Events {
-    pub fn record(
-        &self,
-        kind: &'static str,
-        name: String,
-        duration: Duration,
-        error: Option<String>,
-    ) {
-        let at = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        if let Ok(mut r) = self.recent.lock() {
-            r.push_front(Event {
-                at,
-                kind,
-                name,
-                duration,
-                error,
-            });
-            r.truncate(RECENT);
-        }
-    }
-
-    pub fn snapshot(&self) -> Vec<Event> {
-        self.recent
-            .lock()
-            .map(|r| r.iter().cloned().collect())
-            .unwrap_or_default()
-    }
-}
+use crate::telemetry::events::EVENTS;
+use crate::util::time::now_secs;
 
 fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -106,9 +51,7 @@ fn ago(now: u64, then: u64) -> String {
 
 /// The page. `addr` is what clients should use to reach the daemon.
 pub fn render(addr: &str, images: &[CachedImage], cache_bytes: u64, limit: Option<u64>) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = now_secs();
     let mut h = String::new();
     let _ = write!(
         h,
@@ -203,6 +146,7 @@ Podman: <code>sudo nixery-local setup podman</code>.</p>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn the_page_escapes_what_it_shows() {

@@ -2,6 +2,7 @@
 //! and references, media types and manifest structure. Everything above
 //! speaks in these types; nothing here does I/O.
 
+pub mod accept;
 pub mod digest;
 pub mod manifest;
 pub mod reference;

@@ -18,7 +18,7 @@ use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use crate::config::{Options, Settings};
 use crate::oci::reference::{RegistryHost, DOCKER_HUB};
@@ -517,7 +517,7 @@ fn apply(
     if !foreign.is_empty() {
         return Err(SetupError::Foreign { paths: foreign });
     }
-    let stamp = timestamp(SystemTime::now());
+    let stamp = crate::util::time::timestamp(SystemTime::now());
     let mut changed = false;
     for (file, action) in files.iter().zip(actions) {
         let path = file.path.display();
@@ -626,34 +626,6 @@ fn write_atomically(path: &Path, content: &[u8]) -> Result<(), SetupError> {
         let _ = std::fs::remove_file(&tmp);
     }
     written.map_err(io_error)
-}
-
-/// `YYYYMMDDTHHMMSSZ` in UTC.
-fn timestamp(now: SystemTime) -> String {
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's
-/// algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 #[cfg(test)]
@@ -849,8 +821,8 @@ mod tests {
 
     #[test]
     fn timestamps_are_utc() {
-        assert_eq!(timestamp(UNIX_EPOCH), "19700101T000000Z");
+        assert_eq!(crate::util::time::timestamp(UNIX_EPOCH), "19700101T000000Z");
         let t = UNIX_EPOCH + Duration::from_secs(1_709_210_096); // 2024-02-29 12:34:56
-        assert_eq!(timestamp(t), "20240229T123456Z");
+        assert_eq!(crate::util::time::timestamp(t), "20240229T123456Z");
     }
 }

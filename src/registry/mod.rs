@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::oci::accept::Accept;
 use crate::oci::digest::Digest;
 use crate::oci::reference::{Reference, RegistryHost, RepoName};
 use crate::sources::mirror::{Download, Mirror, MirrorError};
@@ -38,46 +39,6 @@ pub enum RegistryError {
     UpstreamManifest(MirrorError),
     #[error("blob unknown: {0}")]
     UpstreamBlob(MirrorError),
-}
-
-/// The media types a client said it can read (its `Accept` header).
-#[derive(Clone, Debug, Default)]
-pub struct Accept {
-    /// Bare `type/subtype` values, parameters stripped. Empty: anything.
-    types: Vec<String>,
-}
-
-impl Accept {
-    /// Parses the values of every `Accept` header of a request. Values that
-    /// are not UTF-8 are ignored: they cannot name a manifest type.
-    pub fn from_header_values<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Accept {
-        let mut types = Vec::new();
-        for value in values {
-            let Ok(value) = std::str::from_utf8(value) else {
-                continue;
-            };
-            for item in value.split(',') {
-                let bare = item.split(';').next().unwrap_or("").trim();
-                if !bare.is_empty() {
-                    types.push(bare.to_ascii_lowercase());
-                }
-            }
-        }
-        Accept { types }
-    }
-
-    pub fn accepts(&self, media_type: &str) -> bool {
-        if self.types.is_empty() {
-            return true;
-        }
-        let media_type = media_type.to_ascii_lowercase();
-        let top = media_type.split('/').next().unwrap_or("");
-        self.types.iter().any(|t| {
-            t == "*/*"
-                || *t == media_type
-                || t.strip_suffix("/*").is_some_and(|prefix| prefix == top)
-        })
-    }
 }
 
 /// Manifest bytes exactly as stored, with what the client needs to trust them.
@@ -355,16 +316,6 @@ mod tests {
 
     fn accept(v: &str) -> Accept {
         Accept::from_header_values([v.as_bytes()])
-    }
-
-    #[test]
-    fn accept_matches_types_wildcards_and_parameters() {
-        assert!(Accept::default().accepts(OCI));
-        assert!(accept("*/*").accepts(OCI));
-        assert!(accept("application/*").accepts(OCI));
-        assert!(accept(&format!("{DOCKER}, {OCI};q=0.5")).accepts(OCI));
-        assert!(!accept(DOCKER).accepts(OCI));
-        assert!(!accept("text/*").accepts(OCI));
     }
 
     async fn registry_with_tag(variants: &[(&str, &[u8])]) -> (tempfile::TempDir, Registry) {

@@ -5,10 +5,11 @@
 
 use std::io::Write;
 
+use crate::oci::accept::Accept;
 use crate::oci::digest::Digest;
 use crate::oci::manifest::{self, Children};
 use crate::oci::reference::{ImageRef, Reference};
-use crate::registry::{Accept, BlobSource, Registry, RegistryError};
+use crate::registry::{BlobSource, Registry, RegistryError};
 
 /// The OCI name of this machine's architecture.
 pub fn host_architecture() -> &'static str {

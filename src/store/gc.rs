@@ -11,23 +11,18 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::oci::digest::Digest;
 use crate::oci::manifest::{self, Children};
 use crate::oci::reference::{RegistryHost, RepoName, Tag};
-use crate::sources::nix::NixImageRecord;
+use crate::store::NixImageRecord;
 use crate::store::{ManifestVariant, RecordKind, Store, StoreError};
 use crate::telemetry::metrics::{self, METRICS};
+use crate::util::time::now_secs;
 
 /// Blobs younger than this are never collected.
 pub const MIN_AGE: Duration = Duration::from_secs(600);
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
 
 /// When each manifest was last served, kept in memory and saved now and then.
 #[derive(Default)]

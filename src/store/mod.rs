@@ -122,6 +122,21 @@ pub struct TagRecord {
     pub manifests: Vec<ManifestVariant>,
 }
 
+/// What the cache remembers of a built image.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NixImageRecord {
+    pub name: String,
+    /// Seconds since the epoch.
+    pub built_at: u64,
+    /// Commit-pinned sources never go stale.
+    pub pinned: bool,
+    /// OCI first, then Docker schema 2.
+    pub manifests: Vec<ManifestVariant>,
+    /// Layer blob digests, bottom first.
+    pub layers: Vec<Digest>,
+    pub gc_roots: Vec<PathBuf>,
+}
+
 pub struct Store {
     root: PathBuf,
     tmp_counter: AtomicU64,

@@ -27,10 +27,10 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::sync::{mpsc, watch};
 
+use crate::oci::accept::Accept;
 use crate::oci::digest::{Digest, Hasher};
 use crate::oci::manifest;
 use crate::oci::reference::{RegistryHost, RepoName, Tag};
-use crate::registry::Accept;
 use crate::sources::mirror::upstream::{Target, UpstreamError, Upstreams};
 use crate::store::{ManifestVariant, Store, StoreError, TagRecord, MAX_MANIFEST_SIZE};
 use crate::telemetry::metrics::{self, METRICS};

@@ -19,11 +19,10 @@ pub mod layers;
 pub mod runner;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::sync::{watch, Semaphore};
 
 use self::image::{ImageError, ImageLayer, ImageSpec, Platform};
@@ -32,8 +31,9 @@ use crate::oci::digest::{Algorithm, Digest};
 use crate::oci::manifest::{DOCKER_MANIFEST, OCI_MANIFEST};
 use crate::oci::reference::{RegistryHost, RepoName, Tag};
 use crate::sources::nix::runner::{ImageName, ImageNameError, Nix, NixConfig, NixError, PkgSource};
-use crate::store::{ManifestVariant, RecordKind, Store, StoreError};
+use crate::store::{ManifestVariant, NixImageRecord, RecordKind, Store, StoreError};
 use crate::telemetry::metrics::{self, METRICS};
+use crate::util::time::now_secs;
 
 /// Bump when a change alters the bytes built for the same inputs.
 const FORMAT_VERSION: u32 = 1;
@@ -95,21 +95,6 @@ pub struct NixSettings {
     pub nix: NixConfig,
 }
 
-/// What the cache remembers of a built image.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct NixImageRecord {
-    pub name: String,
-    /// Seconds since the epoch.
-    pub built_at: u64,
-    /// Commit-pinned sources never go stale.
-    pub pinned: bool,
-    /// OCI first, then Docker schema 2.
-    pub manifests: Vec<ManifestVariant>,
-    /// Layer blob digests, bottom first.
-    pub layers: Vec<Digest>,
-    pub gc_roots: Vec<PathBuf>,
-}
-
 /// One layer of a finished build, for `nixery-local build`'s table.
 #[derive(Clone, Debug)]
 pub struct BuiltLayer {
@@ -143,13 +128,6 @@ pub struct NixImages {
     learnt_store: std::sync::atomic::AtomicBool,
     inflight: Mutex<HashMap<Digest, watch::Receiver<Option<Outcome>>>>,
     builds: Semaphore,
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 impl NixImages {
@@ -311,7 +289,7 @@ impl NixImages {
             Err(_) => &METRICS.nix_build_failures,
         };
         metrics::add(counter, 1);
-        crate::http::status_page::EVENTS.record(
+        crate::telemetry::events::EVENTS.record(
             "build",
             shown_name,
             started.elapsed(),

@@ -1,0 +1,3 @@
+//! Small leaves any layer may use: clocks and dates.
+
+pub mod time;
