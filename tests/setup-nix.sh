@@ -10,15 +10,22 @@ command -v nix-build >/dev/null || { echo "setup-nix: nix-build missing (apt-get
 # Single-user as root: no daemon runs in CI (Debian's environment.d sets
 # NIX_REMOTE=daemon only in systemd user sessions).
 unset NIX_REMOTE
-# Debian's postinst creates the nixbld users; --init creates the database
-# and /nix/var/nix. Doing it now avoids a race between the first Nix calls
-# of tests running in parallel on a fresh store.
-nix-store --init
+mkdir -p /etc/nix
+touch /etc/nix/nix.conf
 # Debian ships sandbox = false; the builds read /bin/busybox from the host.
 if ! grep -qs '^sandbox *= *false' /etc/nix/nix.conf; then
-    mkdir -p /etc/nix
     echo 'sandbox = false' >> /etc/nix/nix.conf
 fi
+# Debian's nix-bin creates no build users: as root, Nix then refuses to
+# build ("the group 'nixbld' ... does not exist") unless builds run as root.
+# nix-setup-systemd creates the group; without it, build as root.
+if ! getent group nixbld >/dev/null && ! grep -qs '^build-users-group' /etc/nix/nix.conf; then
+    echo 'build-users-group =' >> /etc/nix/nix.conf
+fi
+
+# --init creates the database and /nix/var/nix. Doing it now avoids a race
+# between the first Nix calls of tests running in parallel on a fresh store.
+nix-store --init
 
 # Prove a build works now rather than in the middle of a test.
 out=$(nix-build --option substituters ""  --no-out-link -E 'derivation {

@@ -631,7 +631,6 @@ fn write_atomically(path: &Path, content: &[u8]) -> Result<(), SetupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn listen() -> SocketAddr {
         "127.0.0.1:7733".parse().expect("addr")
@@ -817,12 +816,5 @@ mod tests {
             yaml.contains("  \"nix.local\":\n    endpoint:\n      - \"http://127.0.0.1:7733\"\n")
         );
         assert!(yaml.contains("  \"*\":\n"));
-    }
-
-    #[test]
-    fn timestamps_are_utc() {
-        assert_eq!(crate::util::time::timestamp(UNIX_EPOCH), "19700101T000000Z");
-        let t = UNIX_EPOCH + Duration::from_secs(1_709_210_096); // 2024-02-29 12:34:56
-        assert_eq!(crate::util::time::timestamp(t), "20240229T123456Z");
     }
 }

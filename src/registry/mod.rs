@@ -173,16 +173,12 @@ impl Registry {
                 // by-digest requests that follow and tags/list find it.
                 let (h, r, t) = (host.clone(), repo.clone(), tag.clone());
                 self.blocking(move |store| {
-                    for m in &manifests {
-                        if store.linked_manifest(&h, &r, &m.digest)?.is_none() {
-                            store.link_manifest(&h, &r, &m.digest, &m.media_type)?;
-                        }
-                    }
                     let record = TagRecord { manifests };
-                    if store.tag(&h, &r, &t)?.as_ref() != Some(&record) {
-                        store.set_tag(&h, &r, &t, &record)?;
-                    }
-                    Ok(())
+                    let links = record
+                        .manifests
+                        .iter()
+                        .map(|m| (&m.digest, m.media_type.as_str()));
+                    Ok(store.publish(&h, &r, links, Some((&t, &record)))?)
                 })
                 .await?;
             }

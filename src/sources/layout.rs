@@ -91,11 +91,6 @@ pub fn import_layout(
     for blob in import.staged {
         blob.commit().map_err(ImportError::Store)?;
     }
-    for (digest, media_type) in &import.manifests {
-        store
-            .link_manifest(&reference.host, &reference.repo, digest, media_type)
-            .map_err(ImportError::Store)?;
-    }
     let record = TagRecord {
         manifests: vec![ManifestVariant {
             media_type: top.media_type.clone(),
@@ -103,8 +98,14 @@ pub fn import_layout(
             size: top.size,
         }],
     };
+    let links = import.manifests.iter().map(|(d, m)| (d, m.as_str()));
     store
-        .set_tag(&reference.host, &reference.repo, &reference.tag, &record)
+        .publish(
+            &reference.host,
+            &reference.repo,
+            links,
+            Some((&reference.tag, &record)),
+        )
         .map_err(ImportError::Store)?;
     Ok(top.digest.clone())
 }

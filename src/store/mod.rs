@@ -23,6 +23,7 @@
 //! `spawn_blocking` (see [`crate::registry`]).
 
 pub mod gc;
+pub mod ingest;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};

@@ -193,14 +193,10 @@ impl Mirror {
             .await?;
         let (h, r, t) = (host.clone(), repo.clone(), tag.clone());
         self.blocking(move |s| {
-            s.set_tag(
-                &h,
-                &r,
-                &t,
-                &TagRecord {
-                    manifests: vec![variant],
-                },
-            )
+            let record = TagRecord {
+                manifests: vec![variant],
+            };
+            s.publish(&h, &r, [], Some((&t, &record)))
         })
         .await?;
         tracing::info!(image = %what, "tag updated from upstream");
@@ -278,11 +274,8 @@ impl Mirror {
             size: body.len() as u64,
         };
         let (h, r) = (host.clone(), repo.clone());
-        self.blocking(move |s| {
-            s.put_blob_bytes(&digest, &body)?;
-            s.link_manifest(&h, &r, &digest, &media_type)
-        })
-        .await?;
+        self.blocking(move |s| s.put_manifest(&h, &r, &digest, &media_type, &body))
+            .await?;
         Ok(variant)
     }
 
