@@ -1,5 +1,6 @@
 //! nixery-local: a local registry mirror.
 
+pub mod app;
 pub mod blobserve;
 pub mod config;
 pub mod http;

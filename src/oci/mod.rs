@@ -4,5 +4,6 @@
 
 pub mod accept;
 pub mod digest;
+pub mod error_code;
 pub mod manifest;
 pub mod reference;

@@ -14,10 +14,10 @@ use bytes::Bytes;
 use crate::oci::accept::Accept;
 use crate::oci::digest::Digest;
 use crate::oci::reference::{Reference, RegistryHost, RepoName};
-use crate::sources::mirror::{Download, Mirror, MirrorError};
-use crate::sources::nix::{BuildError, NixImages};
+use crate::sources::mirror::Download;
+use crate::sources::{ErrorKind, SourceError, Sources};
 use crate::store::gc::{CachedImage, Usage};
-use crate::store::{BlobFile, Store, StoreError, TagRecord};
+use crate::store::{BlobFile, Store, StoreError};
 use crate::telemetry::metrics::{self, METRICS};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,13 +32,12 @@ pub enum RegistryError {
     Store(#[from] StoreError),
     #[error("background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
-    #[error(transparent)]
-    Nix(Arc<BuildError>),
-    /// The cache cannot answer and the upstream did not either.
-    #[error("manifest unknown: {0}")]
-    UpstreamManifest(MirrorError),
-    #[error("blob unknown: {0}")]
-    UpstreamBlob(MirrorError),
+    /// The repository's source could not supply the manifest.
+    #[error("{0}")]
+    ManifestSource(SourceError),
+    /// The repository's source could not supply the blob.
+    #[error("{0}")]
+    BlobSource(SourceError),
 }
 
 /// Manifest bytes exactly as stored, with what the client needs to trust them.
@@ -73,18 +72,17 @@ pub struct TagPage {
 pub struct Registry {
     store: Arc<Store>,
     default_host: RegistryHost,
-    nix: Option<Arc<NixImages>>,
-    mirror: Option<Arc<Mirror>>,
+    sources: Sources,
     usage: Arc<Usage>,
 }
 
 impl Registry {
-    pub fn new(store: Arc<Store>, default_host: RegistryHost) -> Registry {
+    /// Serves the cache in `store`, filling misses from `sources`.
+    pub fn new(store: Arc<Store>, default_host: RegistryHost, sources: Sources) -> Registry {
         Registry {
             store,
             default_host,
-            nix: None,
-            mirror: None,
+            sources,
             usage: Arc::new(Usage::default()),
         }
     }
@@ -92,18 +90,6 @@ impl Registry {
     /// Records when manifests are served, for least-recently-used eviction.
     pub fn with_usage(mut self, usage: Arc<Usage>) -> Registry {
         self.usage = usage;
-        self
-    }
-
-    /// Fills misses from upstream registries.
-    pub fn with_mirror(mut self, mirror: Arc<Mirror>) -> Registry {
-        self.mirror = Some(mirror);
-        self
-    }
-
-    /// Serves Nix images (built on demand) for the repositories `nix` routes.
-    pub fn with_nix(mut self, nix: Arc<NixImages>) -> Registry {
-        self.nix = Some(nix);
         self
     }
 
@@ -136,53 +122,12 @@ impl Registry {
         reference: Reference,
         accept: Accept,
     ) -> Result<Manifest, RegistryError> {
-        let nix_route = self
-            .nix
-            .as_ref()
-            .and_then(|n| n.route(&host, &repo))
-            .is_some();
-        if let (Some(mirror), false) = (&self.mirror, nix_route) {
-            match &reference {
-                Reference::Tag(tag) => mirror
-                    .refresh_tag(&host, &repo, tag, &accept)
-                    .await
-                    .map_err(RegistryError::UpstreamManifest)?,
-                Reference::Digest(digest) => {
-                    let (h, r, d) = (host.clone(), repo.clone(), digest.clone());
-                    let linked = self
-                        .blocking(move |s| {
-                            Ok(s.linked_manifest(&h, &r, &d)?.is_some() && s.has_blob(&d))
-                        })
-                        .await?;
-                    if !linked {
-                        mirror
-                            .manifest_by_digest(&host, &repo, digest)
-                            .await
-                            .map_err(RegistryError::UpstreamManifest)?;
-                    }
-                }
-            }
+        let source = self.sources.route(&host, &repo);
+        match &reference {
+            Reference::Tag(tag) => source.resolve_tag(&host, &repo, tag, &accept).await,
+            Reference::Digest(digest) => source.fetch_manifest(&host, &repo, digest).await,
         }
-        if let (Some(nix), Reference::Tag(tag)) = (&self.nix, &reference) {
-            if let Some(packages) = nix.route(&host, &repo) {
-                let manifests = nix
-                    .manifests(packages, tag)
-                    .await
-                    .map_err(RegistryError::Nix)?;
-                // Record the image under the name it was asked by, so the
-                // by-digest requests that follow and tags/list find it.
-                let (h, r, t) = (host.clone(), repo.clone(), tag.clone());
-                self.blocking(move |store| {
-                    let record = TagRecord { manifests };
-                    let links = record
-                        .manifests
-                        .iter()
-                        .map(|m| (&m.digest, m.media_type.as_str()));
-                    Ok(store.publish(&h, &r, links, Some((&t, &record)))?)
-                })
-                .await?;
-            }
-        }
+        .map_err(RegistryError::ManifestSource)?;
         self.blocking(move |store| {
             let (digest, media_type) = match &reference {
                 Reference::Tag(tag) => {
@@ -239,19 +184,17 @@ impl Registry {
                 digest,
             });
         }
-        let Some(mirror) = &self.mirror else {
-            return Err(RegistryError::BlobUnknown(digest));
-        };
-        metrics::add(&METRICS.blob_misses, 1);
-        let download = mirror
-            .blob(&host, &repo, &digest)
+        let source = self.sources.route(&host, &repo);
+        let download = source
+            .fetch_blob(&host, &repo, &digest)
             .await
-            .map_err(RegistryError::UpstreamBlob)?;
+            .map_err(RegistryError::BlobSource)?
+            .ok_or_else(|| RegistryError::BlobUnknown(digest.clone()))?;
         let size = download.size().await.map_err(|e| {
-            RegistryError::UpstreamBlob(MirrorError::Download {
-                digest: digest.clone(),
-                message: e.to_string(),
-            })
+            RegistryError::BlobSource(SourceError::new(
+                ErrorKind::Unavailable,
+                format!("blob {digest} failed: {e}"),
+            ))
         })?;
         Ok(Blob {
             source: BlobSource::Downloading(download),
@@ -336,7 +279,7 @@ mod tests {
         store
             .set_tag(&host, &repo, &tag, &TagRecord { manifests })
             .expect("tag");
-        (dir, Registry::new(Arc::new(store), host))
+        (dir, Registry::new(Arc::new(store), host, Sources::new()))
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@ use crate::oci::digest::Digest;
 use crate::oci::manifest::{self, Children};
 use crate::oci::reference::{ImageRef, Reference};
 use crate::registry::{BlobSource, Registry, RegistryError};
+use crate::sources::{ErrorKind, SourceError};
 
 /// The OCI name of this machine's architecture.
 pub fn host_architecture() -> &'static str {
@@ -74,12 +75,10 @@ pub async fn prefetch(
                     let size = match &blob.source {
                         BlobSource::Stored(f) => f.len(),
                         BlobSource::Downloading(d) => d.finished().await.map_err(|e| {
-                            RegistryError::UpstreamBlob(
-                                crate::sources::mirror::MirrorError::Download {
-                                    digest: desc.digest.clone(),
-                                    message: e.to_string(),
-                                },
-                            )
+                            RegistryError::BlobSource(SourceError::new(
+                                ErrorKind::Unavailable,
+                                format!("blob {} failed: {e}", desc.digest),
+                            ))
                         })?,
                     };
                     done.blobs += 1;

@@ -1,6 +1,132 @@
-//! Where images come from: Nix builds ([`nix`]), upstream registries
-//! ([`mirror`]) and OCI layouts on disk ([`layout`]).
+//! Where images come from, behind one interface. A request is routed once
+//! ([`Sources::route`]) to the [`Source`] that answers its repository; the
+//! source then answers two calls, "bring this tag up to date" and "give me
+//! this blob", and writes what it finds through the store's one ingest path
+//! ([`crate::store::ingest`]). The registry then serves from the store.
+//!
+//! - [`nix`]: images built from the host's Nix store, for the repositories
+//!   its settings route.
+//! - [`mirror`]: upstream registries, for every other repository.
+//! - [`layout`]: OCI layouts on disk, imported by the CLI rather than routed.
+//!
+//! The HTTP edge knows a source's failures only by [`ErrorKind`].
 
+pub mod error;
 pub mod layout;
 pub mod mirror;
 pub mod nix;
+
+use std::sync::Arc;
+
+pub use self::error::{ErrorKind, SourceError};
+use self::mirror::{Download, Mirror};
+use self::nix::NixImages;
+use crate::oci::accept::Accept;
+use crate::oci::digest::Digest;
+use crate::oci::reference::{RegistryHost, RepoName, Tag};
+use crate::telemetry::metrics::{self, METRICS};
+
+/// The sources a daemon has; either may be absent (tests, offline use).
+#[derive(Clone, Default)]
+pub struct Sources {
+    nix: Option<Arc<NixImages>>,
+    mirror: Option<Arc<Mirror>>,
+}
+
+/// The one source that answers a repository.
+pub enum Source<'a> {
+    /// A Nix image: `packages` is the repository path that names it.
+    Nix {
+        images: &'a Arc<NixImages>,
+        packages: &'a str,
+    },
+    /// An upstream registry.
+    Mirror(&'a Arc<Mirror>),
+    /// Only what the cache already holds.
+    Cache,
+}
+
+impl Sources {
+    pub fn new() -> Sources {
+        Sources::default()
+    }
+
+    /// Serves Nix images (built on demand) for the repositories `nix` routes.
+    pub fn with_nix(mut self, nix: Arc<NixImages>) -> Sources {
+        self.nix = Some(nix);
+        self
+    }
+
+    /// Fills misses of every other repository from upstream registries.
+    pub fn with_mirror(mut self, mirror: Arc<Mirror>) -> Sources {
+        self.mirror = Some(mirror);
+        self
+    }
+
+    /// The source of `repo` on `host`: Nix if it names a Nix image, else the
+    /// mirror, else the cache alone.
+    pub fn route<'a>(&'a self, host: &RegistryHost, repo: &'a RepoName) -> Source<'a> {
+        if let Some(images) = &self.nix {
+            if let Some(packages) = images.route(host, repo) {
+                return Source::Nix { images, packages };
+            }
+        }
+        match &self.mirror {
+            Some(mirror) => Source::Mirror(mirror),
+            None => Source::Cache,
+        }
+    }
+}
+
+impl Source<'_> {
+    /// Brings the store's record of `tag` up to date: builds the Nix image,
+    /// or revalidates the tag with its upstream when due. `Ok` means the
+    /// store now holds the answer (or knows it has none).
+    pub async fn resolve_tag(
+        &self,
+        host: &RegistryHost,
+        repo: &RepoName,
+        tag: &Tag,
+        accept: &Accept,
+    ) -> Result<(), SourceError> {
+        match self {
+            Source::Nix { images, packages } => {
+                images.resolve_tag(host, repo, packages, tag).await?;
+            }
+            Source::Mirror(mirror) => mirror.refresh_tag(host, repo, tag, accept).await?,
+            Source::Cache => {}
+        }
+        Ok(())
+    }
+
+    /// Brings the manifest `digest` into the store, linked to `repo`, if this
+    /// source can supply it. Nix images publish every manifest when built.
+    pub async fn fetch_manifest(
+        &self,
+        host: &RegistryHost,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<(), SourceError> {
+        if let Source::Mirror(mirror) = self {
+            mirror.manifest_by_digest(host, repo, digest).await?;
+        }
+        Ok(())
+    }
+
+    /// A blob the store lacks, arriving from this source; `None` when this
+    /// source has no blobs of its own to offer.
+    pub async fn fetch_blob(
+        &self,
+        host: &RegistryHost,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<Arc<Download>>, SourceError> {
+        match self {
+            Source::Mirror(mirror) => {
+                metrics::add(&METRICS.blob_misses, 1);
+                Ok(Some(mirror.blob(host, repo, digest).await?))
+            }
+            Source::Nix { .. } | Source::Cache => Ok(None),
+        }
+    }
+}

@@ -32,6 +32,7 @@ use crate::oci::digest::{Digest, Hasher};
 use crate::oci::manifest;
 use crate::oci::reference::{RegistryHost, RepoName, Tag};
 use crate::sources::mirror::upstream::{Target, UpstreamError, Upstreams};
+use crate::sources::{ErrorKind, SourceError};
 use crate::store::{ManifestVariant, Store, StoreError, TagRecord, MAX_MANIFEST_SIZE};
 use crate::telemetry::metrics::{self, METRICS};
 
@@ -67,6 +68,20 @@ pub enum MirrorError {
     Store(#[from] StoreError),
     #[error("background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+}
+
+impl From<MirrorError> for SourceError {
+    fn from(e: MirrorError) -> SourceError {
+        let kind = match e {
+            MirrorError::NotFound(_) => ErrorKind::NotFound,
+            MirrorError::Upstream(_)
+            | MirrorError::Status { .. }
+            | MirrorError::BadManifest { .. }
+            | MirrorError::Download { .. } => ErrorKind::Unavailable,
+            MirrorError::Store(_) | MirrorError::Task(_) => ErrorKind::Internal,
+        };
+        SourceError::new(kind, e.to_string())
+    }
 }
 
 type TagKey = (RegistryHost, RepoName, Tag);
@@ -211,6 +226,13 @@ impl Mirror {
         repo: &RepoName,
         digest: &Digest,
     ) -> Result<(), MirrorError> {
+        let (h, r, d) = (host.clone(), repo.clone(), digest.clone());
+        let cached = self
+            .blocking(move |s| Ok(s.linked_manifest(&h, &r, &d)?.is_some() && s.has_blob(&d)))
+            .await?;
+        if cached {
+            return Ok(());
+        }
         let what = format!("{host}/{repo}@{digest}");
         let target = Target::Manifest(digest.to_string());
         self.fetch_manifest(host, repo, &target, &MANIFEST_TYPES, Some(digest), &what)

@@ -31,7 +31,8 @@ use crate::oci::digest::{Algorithm, Digest};
 use crate::oci::manifest::{DOCKER_MANIFEST, OCI_MANIFEST};
 use crate::oci::reference::{RegistryHost, RepoName, Tag};
 use crate::sources::nix::runner::{ImageName, ImageNameError, Nix, NixConfig, NixError, PkgSource};
-use crate::store::{ManifestVariant, NixImageRecord, RecordKind, Store, StoreError};
+use crate::sources::{ErrorKind, SourceError};
+use crate::store::{ManifestVariant, NixImageRecord, RecordKind, Store, StoreError, TagRecord};
 use crate::telemetry::metrics::{self, METRICS};
 use crate::util::time::now_secs;
 
@@ -60,6 +61,27 @@ pub enum BuildError {
     Task(#[from] tokio::task::JoinError),
     #[error("the build ended without a result (a worker panicked)")]
     Interrupted,
+}
+
+impl From<&BuildError> for SourceError {
+    fn from(e: &BuildError) -> SourceError {
+        let kind = match e {
+            BuildError::Name(_) => ErrorKind::Invalid,
+            // The client named something this host cannot provide: a miss,
+            // with the reason (every missing package, or how to configure a
+            // package source).
+            BuildError::Nix(
+                NixError::MissingPackages { .. }
+                | NixError::NoPackageSource
+                | NixError::UnsupportedSystem { .. },
+            ) => ErrorKind::NotFound,
+            // Evaluation and build failures carry the tail of Nix's log,
+            // which is what the user needs to see.
+            BuildError::Nix(_) => ErrorKind::Failed,
+            _ => ErrorKind::Internal,
+        };
+        SourceError::new(kind, e.to_string())
+    }
 }
 
 /// Where packages come from.
@@ -184,6 +206,39 @@ impl NixImages {
             .all(|m| self.store.has_blob(&m.digest));
         let young = now_secs().saturating_sub(record.built_at) < self.settings.ttl.as_secs();
         complete && (record.pinned || young)
+    }
+
+    /// Builds the image `packages` names if the cache has no fresh copy, and
+    /// publishes it as `repo:tag` on `host`: the name it was asked by, so the
+    /// by-digest requests that follow and tags/list find it.
+    pub async fn resolve_tag(
+        self: &Arc<Self>,
+        host: &RegistryHost,
+        repo: &RepoName,
+        packages: &str,
+        tag: &Tag,
+    ) -> Result<(), SourceError> {
+        let manifests = self
+            .manifests(packages, tag)
+            .await
+            .map_err(|e| SourceError::from(&*e))?;
+        let (store, h, r, t) = (
+            Arc::clone(&self.store),
+            host.clone(),
+            repo.clone(),
+            tag.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let record = TagRecord { manifests };
+            let links = record
+                .manifests
+                .iter()
+                .map(|m| (&m.digest, m.media_type.as_str()));
+            store.publish(&h, &r, links, Some((&t, &record)))
+        })
+        .await
+        .map_err(|e| SourceError::from(&BuildError::from(e)))?
+        .map_err(|e| SourceError::from(&BuildError::from(e)))
     }
 
     /// The manifests of the image `packages` (the repository path below the

@@ -1,0 +1,28 @@
+//! `nixery-local doctor`: checks what a working setup needs and says what
+//! is wrong, one line a check.
+
+use nixery_local::ops::doctor::Verdict;
+
+use super::{Common, Failure};
+
+pub fn run(common: Common) -> Result<(), Failure> {
+    let settings = common.settings()?;
+    let checks = nixery_local::ops::doctor::run(&settings);
+    let mut failed = false;
+    for c in &checks {
+        let mark = match c.verdict {
+            Verdict::Ok => "ok  ",
+            Verdict::Note => "note",
+            Verdict::Fail => {
+                failed = true;
+                "FAIL"
+            }
+        };
+        println!("{mark}  {:<15} {}", c.what, c.detail);
+    }
+    if failed {
+        Err(Failure::Reported)
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,163 @@
+//! The one place where failures become what a client sees: a status and
+//! one entry of the OCI error envelope `{"errors":[{"code","message"}]}`.
+//! Services and sources keep their own typed errors; this module decides,
+//! from their kind, the status, the code, and which details stay in the log.
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+
+use crate::blobserve::BlobserveError;
+use crate::http::body::{json_response, Body};
+use crate::oci::error_code::ErrorCode;
+use crate::oci::reference::NameError;
+use crate::registry::RegistryError;
+use crate::sources::{ErrorKind, SourceError};
+
+const READ_ONLY_METHODS: HeaderValue = HeaderValue::from_static("GET, HEAD");
+
+/// What internal faults tell the client; the detail goes to the log.
+const INTERNAL: &str = "internal error; see the daemon's log";
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: ErrorCode,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn unsupported_route() -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::Unsupported,
+            "no such endpoint in the registry API",
+        )
+    }
+
+    /// Writes, push or delete on a read-only cache.
+    pub fn method_not_allowed(message: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::Unsupported,
+            message,
+        )
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    fn internal(detail: &dyn std::fmt::Display) -> ApiError {
+        tracing::error!(error = %detail, "request failed");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Unknown,
+            INTERNAL,
+        )
+    }
+
+    /// A source's failure to supply what the client asked for; `missing` is
+    /// the code for "not here" (manifest or blob).
+    fn from_source(e: &SourceError, missing: ErrorCode) -> ApiError {
+        match e.kind() {
+            // A fast 404 lets containerd fall back to its next host.
+            ErrorKind::NotFound | ErrorKind::Unavailable => {
+                tracing::info!(error = %e, "miss");
+                let what = match missing {
+                    ErrorCode::BlobUnknown => "blob unknown",
+                    _ => "manifest unknown",
+                };
+                ApiError::new(StatusCode::NOT_FOUND, missing, format!("{what}: {e}"))
+            }
+            ErrorKind::Invalid => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::NameInvalid,
+                e.to_string(),
+            ),
+            // The message carries the tail of the build's log, which is what
+            // the user needs to see.
+            ErrorKind::Failed => {
+                tracing::warn!(error = %e, "source failed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::Unknown,
+                    e.to_string(),
+                )
+            }
+            ErrorKind::Internal => ApiError::internal(e),
+        }
+    }
+
+    /// The error as a response.
+    pub fn into_response(self) -> Response<Body> {
+        let body = serde_json::json!({
+            "errors": [{ "code": self.code.as_str(), "message": self.message }]
+        });
+        let mut resp = json_response(self.status, Bytes::from(body.to_string()));
+        if self.status == StatusCode::METHOD_NOT_ALLOWED {
+            resp.headers_mut().insert(header::ALLOW, READ_ONLY_METHODS);
+        }
+        resp
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> ApiError {
+        let not_found = |code| ApiError::new(StatusCode::NOT_FOUND, code, e.to_string());
+        match &e {
+            RegistryError::ManifestUnknown(_) => not_found(ErrorCode::ManifestUnknown),
+            RegistryError::BlobUnknown(_) => not_found(ErrorCode::BlobUnknown),
+            RegistryError::NameUnknown(_) => not_found(ErrorCode::NameUnknown),
+            RegistryError::ManifestSource(s) => {
+                ApiError::from_source(s, ErrorCode::ManifestUnknown)
+            }
+            RegistryError::BlobSource(s) => ApiError::from_source(s, ErrorCode::BlobUnknown),
+            RegistryError::Store(_) | RegistryError::Task(_) => ApiError::internal(&e),
+        }
+    }
+}
+
+impl From<NameError> for ApiError {
+    fn from(e: NameError) -> ApiError {
+        let (status, code) = match e {
+            NameError::Digest(_) => (StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid),
+            // A tag that cannot exist names no manifest.
+            NameError::Tag(_) => (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown),
+            NameError::Repository(_) | NameError::Host(_) | NameError::Image(_) => {
+                (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid)
+            }
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<BlobserveError> for ApiError {
+    fn from(e: BlobserveError) -> ApiError {
+        let (status, code) = match e {
+            BlobserveError::Name(n) => return ApiError::from(n),
+            BlobserveError::Registry(r) => return ApiError::from(r),
+            BlobserveError::BadRequest(_) => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
+            // A path inside an image names content of one of its blobs.
+            BlobserveError::NotFound(_)
+            | BlobserveError::NotADirectory(_)
+            | BlobserveError::SymlinkLoop(_) => (StatusCode::NOT_FOUND, ErrorCode::BlobUnknown),
+            BlobserveError::NoPlatform(_) => (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown),
+            BlobserveError::UnsupportedLayer(_) | BlobserveError::Manifest(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, ErrorCode::Unsupported)
+            }
+            BlobserveError::Extract { .. }
+            | BlobserveError::Io { .. }
+            | BlobserveError::Task(_) => return ApiError::internal(&e),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
