@@ -6,6 +6,7 @@
 use serde::Deserialize;
 
 use crate::oci::digest::Digest;
+use crate::oci::platform::Platform;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -39,6 +40,9 @@ pub struct Descriptor {
     pub annotations: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     pub urls: Vec<String>,
+    /// Set on the entries of an index.
+    #[serde(default)]
+    pub platform: Option<Platform>,
 }
 
 pub fn is_index(media_type: &str) -> bool {

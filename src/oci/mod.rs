@@ -6,4 +6,5 @@ pub mod accept;
 pub mod digest;
 pub mod error_code;
 pub mod manifest;
+pub mod platform;
 pub mod reference;

@@ -8,22 +8,10 @@ use std::io::Write;
 use crate::oci::accept::Accept;
 use crate::oci::digest::Digest;
 use crate::oci::manifest::{self, Children};
+use crate::oci::platform;
 use crate::oci::reference::{ImageRef, Reference};
 use crate::registry::{BlobSource, Registry, RegistryError};
 use crate::sources::{ErrorKind, SourceError};
-
-/// The OCI name of this machine's architecture.
-pub fn host_architecture() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "arm" => "arm",
-        "riscv64" => "riscv64",
-        "powerpc64" => "ppc64le",
-        "s390x" => "s390x",
-        other => other,
-    }
-}
 
 #[derive(Debug, Default)]
 pub struct Prefetched {
@@ -52,7 +40,10 @@ pub async fn prefetch(
     while let Some((media_type, bytes)) = todo.pop() {
         match manifest::children(&media_type, &bytes) {
             Ok(Children::Manifests(list)) => {
-                let wanted = host_platform_digests(&bytes);
+                let wanted: Vec<Digest> = platform::for_this_host(&list)
+                    .into_iter()
+                    .map(|d| d.digest.clone())
+                    .collect();
                 for child in list {
                     let m = registry
                         .manifest(
@@ -91,50 +82,4 @@ pub async fn prefetch(
         }
     }
     Ok(done)
-}
-
-/// The children of an index that are for this machine (linux, its
-/// architecture); all of them when none says its platform.
-fn host_platform_digests(index: &[u8]) -> Vec<Digest> {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(index) else {
-        return Vec::new();
-    };
-    let list = v["manifests"].as_array().cloned().unwrap_or_default();
-    let digest = |m: &serde_json::Value| m["digest"].as_str().and_then(|d| d.parse().ok());
-    let ours: Vec<Digest> = list
-        .iter()
-        .filter(|m| {
-            m["platform"]["os"] == "linux" && m["platform"]["architecture"] == host_architecture()
-        })
-        .filter_map(digest)
-        .collect();
-    if ours.is_empty() && list.iter().all(|m| m.get("platform").is_none()) {
-        list.iter().filter_map(digest).collect()
-    } else {
-        ours
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn picks_the_host_platform_from_an_index() {
-        let amd = format!("sha256:{}", "a".repeat(64));
-        let arm = format!("sha256:{}", "b".repeat(64));
-        let index = format!(
-            r#"{{"manifests":[
-              {{"digest":"{amd}","platform":{{"os":"linux","architecture":"amd64"}}}},
-              {{"digest":"{arm}","platform":{{"os":"linux","architecture":"arm64"}}}}]}}"#
-        );
-        let picked = host_platform_digests(index.as_bytes());
-        assert_eq!(picked.len(), 1);
-        let expected = if host_architecture() == "amd64" {
-            &amd
-        } else {
-            &arm
-        };
-        assert_eq!(picked[0].to_string(), *expected);
-    }
 }
