@@ -36,7 +36,7 @@ use crate::oci::digest::Digest;
 use crate::oci::reference::{NameError, Reference, RegistryHost, RepoName};
 use crate::registry::{Blob, BlobSource, Registry, RegistryError};
 use crate::sources::mirror::Download;
-use crate::sources::nix::runner::NixError;
+use crate::sources::nix::error::NixError;
 use crate::sources::nix::BuildError;
 use crate::store::BlobFile;
 use crate::telemetry::events::EVENTS;
