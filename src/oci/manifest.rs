@@ -105,6 +105,17 @@ pub fn children(media_type: &str, bytes: &[u8]) -> Result<Children, ManifestErro
     }
 }
 
+/// The layers of the image manifest `bytes`, bottom first.
+pub fn layers(media_type: &str, bytes: &[u8]) -> Result<Vec<Descriptor>, ManifestError> {
+    if !is_image_manifest(media_type) {
+        return Err(ManifestError::UnsupportedMediaType(media_type.to_owned()));
+    }
+    // Checks the body as `children` does (schema 1, media type agreement).
+    children(media_type, bytes)?;
+    let env: Envelope = serde_json::from_slice(bytes)?;
+    Ok(env.layers)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
