@@ -12,12 +12,13 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use crate::blobserve::space::{tree_size, Inner};
-use crate::blobserve::{io_err, BlobserveError};
+use crate::blobserve::BlobserveError;
 use crate::oci::manifest;
 use crate::oci::reference::{RegistryHost, RepoName};
 use crate::registry::{BlobSource, Registry};
 use crate::sources::mirror::Download;
 use crate::store::BlobFile;
+use crate::util::fs::io_err;
 
 /// Extracted files are written in writes this large.
 const WRITE_BUFFER: usize = 1 << 20;
@@ -66,7 +67,7 @@ pub(super) async fn extract_task(
                     let _ = fs::remove_dir_all(&tmp);
                     Ok((tree_size(&dest), stats.1))
                 }
-                Err(e) => Err(io_err("rename", &dest)(e)),
+                Err(e) => Err(io_err("rename", &dest)(e).into()),
             }
         });
         if result.is_err() {
@@ -244,7 +245,7 @@ fn ensure_parents(root: &Path, rel: &Path) -> Result<bool, BlobserveError> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 fs::create_dir(&cur).map_err(io_err("create", &cur))?;
             }
-            Err(e) => return Err(io_err("stat", &cur)(e)),
+            Err(e) => return Err(io_err("stat", &cur)(e).into()),
         }
     }
     Ok(true)
@@ -266,8 +267,8 @@ fn ensure_parents_exist(root: &Path, rel: &Path) -> bool {
 /// Removes whatever is at `path` (nothing there is fine); never follows a symlink.
 fn remove_any(path: &Path) -> Result<(), BlobserveError> {
     match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path).map_err(io_err("remove", path)),
-        Ok(_) => fs::remove_file(path).map_err(io_err("remove", path)),
+        Ok(m) if m.is_dir() => Ok(fs::remove_dir_all(path).map_err(io_err("remove", path))?),
+        Ok(_) => Ok(fs::remove_file(path).map_err(io_err("remove", path))?),
         Err(_) => Ok(()),
     }
 }

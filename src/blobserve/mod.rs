@@ -37,7 +37,7 @@ mod space;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -58,6 +58,7 @@ use crate::oci::digest::Digest;
 use crate::oci::reference::{NameError, RegistryHost};
 use crate::registry::{Registry, RegistryError};
 use crate::store::BlobFile;
+use crate::util::fs::{io_err, IoError};
 
 /// A file replaced wholesale in memory (for search-and-replace) is at most this big.
 const MAX_REPLACE_SIZE: u64 = 16 << 20;
@@ -114,22 +115,10 @@ pub enum BlobserveError {
     UnsupportedLayer(String),
     #[error("extracting layer {digest} failed: {message}")]
     Extract { digest: Digest, message: String },
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
-}
-
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BlobserveError + 'a {
-    move |source| BlobserveError::Io {
-        op,
-        path: path.to_owned(),
-        source,
-    }
 }
 
 /// A regular file to stream, with what the response needs.

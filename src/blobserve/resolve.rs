@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use crate::blobserve::request::components;
-use crate::blobserve::{io_err, BlobserveError, DirEntry};
+use crate::blobserve::{BlobserveError, DirEntry};
+use crate::util::fs::io_err;
 
 /// Symlinks followed in one lookup before giving up (as Linux's ELOOP).
 pub const MAX_SYMLINK_HOPS: usize = 40;

@@ -16,11 +16,12 @@ use crate::oci::digest::Digest;
 use crate::oci::manifest::{self, Children, Descriptor, ManifestError};
 use crate::oci::reference::ImageRef;
 use crate::store::{ManifestVariant, StagedBlob, Store, StoreError, TagRecord, MAX_MANIFEST_SIZE};
+use crate::util::fs::{io_err, IoError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("{0}/oci-layout: not an OCI image layout (expected imageLayoutVersion 1.0.0)")]
     NotALayout(PathBuf),
     #[error("{path}: invalid JSON: {source}")]
@@ -43,13 +44,6 @@ pub enum ImportError {
     Verify(#[source] StoreError),
     #[error(transparent)]
     Store(StoreError),
-}
-
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImportError + '_ {
-    move |source| ImportError::Io {
-        path: path.to_owned(),
-        source,
-    }
 }
 
 #[derive(Deserialize)]
@@ -162,7 +156,7 @@ impl Import<'_> {
             io::ErrorKind::NotFound => ImportError::MissingBlob {
                 digest: desc.digest.clone(),
             },
-            _ => io_err(&path)(e),
+            _ => io_err("open", &path)(e).into(),
         })
     }
 
@@ -179,7 +173,7 @@ impl Import<'_> {
         self.open(desc)?
             .take(MAX_MANIFEST_SIZE + 1)
             .read_to_end(&mut bytes)
-            .map_err(io_err(&path))?;
+            .map_err(io_err("read", &path))?;
         // Verify before parsing: the bytes we trust are the ones we checked.
         self.stage_bytes(desc, &bytes)?;
         self.manifests
@@ -243,7 +237,7 @@ impl Import<'_> {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_err(&path)(e)),
+                Err(e) => return Err(io_err("read", &path)(e).into()),
             };
             w.write_all(&buf[..n]).map_err(ImportError::Store)?;
         }
@@ -258,10 +252,10 @@ impl Import<'_> {
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ImportError> {
     let mut bytes = Vec::new();
     File::open(path)
-        .map_err(io_err(path))?
+        .map_err(io_err("open", path))?
         .take(MAX_MANIFEST_SIZE + 1)
         .read_to_end(&mut bytes)
-        .map_err(io_err(path))?;
+        .map_err(io_err("read", path))?;
     serde_json::from_slice(&bytes).map_err(|source| ImportError::Json {
         path: path.to_owned(),
         source,

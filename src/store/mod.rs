@@ -37,18 +37,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::oci::digest::{Digest, Hasher};
 use crate::oci::reference::{RegistryHost, RepoName, Tag};
+use crate::util::fs::{io_err, IoError};
 
 /// Manifests larger than this are refused (containerd refuses over ~4 MB too).
 pub const MAX_MANIFEST_SIZE: u64 = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("blob {expected} failed verification: got {actual} ({size} bytes)")]
     DigestMismatch {
         expected: Digest,
@@ -68,14 +65,6 @@ pub enum StoreError {
         path: PathBuf,
         source: serde_json::Error,
     },
-}
-
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io {
-        op,
-        path: path.to_owned(),
-        source,
-    }
 }
 
 /// A tag found by [`Store::all_tags`].
@@ -225,7 +214,7 @@ impl Store {
                 Ok(Some(BlobFile { file, len }))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err("open", &path)(e)),
+            Err(e) => Err(io_err("open", &path)(e).into()),
         }
     }
 
@@ -257,7 +246,7 @@ impl Store {
         let hosts = match fs::read_dir(&repos) {
             Ok(h) => h,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(io_err("read", &repos)(e)),
+            Err(e) => return Err(io_err("read", &repos)(e).into()),
         };
         for host in hosts {
             let host_dir = host.map_err(io_err("read", &repos))?.path();
@@ -361,7 +350,7 @@ impl Store {
         let algs = match fs::read_dir(&blobs) {
             Ok(a) => a,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(io_err("read", &blobs)(e)),
+            Err(e) => return Err(io_err("read", &blobs)(e).into()),
         };
         for alg in algs {
             let dir = alg.map_err(io_err("read", &blobs))?.path();
@@ -403,7 +392,7 @@ impl Store {
             // A damaged file only loses access times; start afresh.
             Ok(bytes) => Ok(serde_json::from_slice(&bytes).unwrap_or_default()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(HashMap::new()),
-            Err(e) => Err(io_err("read", &path)(e)),
+            Err(e) => Err(io_err("read", &path)(e).into()),
         }
     }
 
@@ -436,7 +425,7 @@ impl Store {
         match fs::read(&path) {
             Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err("read", &path)(e)),
+            Err(e) => Err(io_err("read", &path)(e).into()),
         }
     }
 
@@ -449,7 +438,7 @@ impl Store {
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(io_err("read", &dir)(e)),
+            Err(e) => return Err(io_err("read", &dir)(e).into()),
         };
         let mut out = Vec::new();
         for entry in entries {
@@ -557,7 +546,7 @@ impl Store {
         match fs::read_to_string(&path) {
             Ok(s) => Ok(Some(s)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_err("read", &path)(e)),
+            Err(e) => Err(io_err("read", &path)(e).into()),
         }
     }
 
@@ -586,7 +575,7 @@ impl Store {
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err("read", &path)(e)),
+            Err(e) => return Err(io_err("read", &path)(e).into()),
         };
         serde_json::from_slice(&bytes)
             .map(Some)
@@ -615,7 +604,7 @@ impl Store {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("read", &tags_dir)(e)),
+            Err(e) => return Err(io_err("read", &tags_dir)(e).into()),
         }
         tags.sort();
         Ok(Some(tags))
@@ -647,7 +636,7 @@ fn remove_if_present(path: &Path) -> Result<(), StoreError> {
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err("remove", path)(e)),
+        Err(e) => Err(io_err("remove", path)(e).into()),
     }
 }
 
@@ -658,7 +647,8 @@ fn rename_durably(from: &Path, to: &Path) -> Result<(), StoreError> {
     fs::rename(from, to).map_err(io_err("rename", to))?;
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync", dir))
+        .map_err(io_err("fsync", dir))?;
+    Ok(())
 }
 
 fn process_alive(pid: i32) -> bool {
@@ -725,7 +715,8 @@ impl BlobWriter {
         self.len += bytes.len() as u64;
         self.file
             .write_all(bytes)
-            .map_err(io_err("write", &self.path))
+            .map_err(io_err("write", &self.path))?;
+        Ok(())
     }
 
     /// Hands the temp file to a [`StagedBlob`] (which removes it on error)

@@ -1,3 +1,5 @@
-//! Small leaves any layer may use: clocks and dates.
+//! Small leaves any layer may use: clocks and dates, file-system errors
+//! with context.
 
+pub mod fs;
 pub mod time;

@@ -28,7 +28,7 @@ mod popularity;
 mod tarball;
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +38,7 @@ pub use self::group::{group_layers, LayerGroup, BIG_CLOSURE, POPULAR_THRESHOLD};
 pub use self::popularity::{package_name, Popularity};
 pub use self::tarball::{write_layer, LayerWriter, MTIME};
 use crate::oci::digest::Digest;
+use crate::util::fs::IoError;
 
 /// Where store paths live, and their prefix inside layer tarballs.
 pub const STORE_DIR: &str = "/nix/store";
@@ -66,12 +67,8 @@ impl LayerInfo {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] IoError),
     #[error("writing the layer: {0}")]
     Write(#[source] io::Error),
     #[error("{0} is not a path in {STORE_DIR}")]
@@ -80,11 +77,4 @@ pub enum LayerError {
     UnsupportedFileType(PathBuf),
     #[error("layer budget {0} is too small: one layer is the customisation layer, so at least 2")]
     BudgetTooSmall(usize),
-}
-
-fn io_at(path: &Path) -> impl FnOnce(io::Error) -> LayerError + '_ {
-    move |source| LayerError::Io {
-        path: path.to_owned(),
-        source,
-    }
 }

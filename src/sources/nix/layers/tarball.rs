@@ -11,8 +11,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::compress::{Compression, Encoder, HashWriter};
-use super::{io_at, LayerError, LayerInfo, STORE_DIR};
+use super::{LayerError, LayerInfo, STORE_DIR};
 use crate::oci::digest::Digest;
+use crate::util::fs::io_err;
 
 /// The mtime of every entry: Nix's own for store contents.
 pub const MTIME: u64 = 1;
@@ -67,7 +68,8 @@ impl<W: Write> LayerWriter<W> {
         let mut h = header(tar::EntryType::Directory, mode, 0);
         self.tar
             .append_data(&mut h, dir_name(tar_path), io::empty())
-            .map_err(io_at(tar_path))
+            .map_err(io_err("writing", tar_path))?;
+        Ok(())
     }
 
     /// Adds a symlink entry.
@@ -75,7 +77,8 @@ impl<W: Write> LayerWriter<W> {
         let mut h = header(tar::EntryType::Symlink, 0o777, 0);
         self.tar
             .append_link(&mut h, tar_path, target)
-            .map_err(io_at(tar_path))
+            .map_err(io_err("writing", tar_path))?;
+        Ok(())
     }
 
     /// Adds a regular file entry with in-memory contents.
@@ -83,7 +86,8 @@ impl<W: Write> LayerWriter<W> {
         let mut h = header(tar::EntryType::Regular, mode, data.len() as u64);
         self.tar
             .append_data(&mut h, tar_path, data)
-            .map_err(io_at(tar_path))
+            .map_err(io_err("writing", tar_path))?;
+        Ok(())
     }
 
     /// Adds `fs_path` (file, symlink or directory tree) as `tar_path`,
@@ -121,10 +125,10 @@ impl<W: Write> LayerWriter<W> {
 
     /// Adds one entry; returns whether it is a directory to descend into.
     fn add_entry(&mut self, fs_path: &Path, tar_path: &Path) -> Result<bool, LayerError> {
-        let meta = fs::symlink_metadata(fs_path).map_err(io_at(fs_path))?;
+        let meta = fs::symlink_metadata(fs_path).map_err(io_err("stat", fs_path))?;
         let ft = meta.file_type();
         if ft.is_symlink() {
-            let target = fs::read_link(fs_path).map_err(io_at(fs_path))?;
+            let target = fs::read_link(fs_path).map_err(io_err("readlink", fs_path))?;
             self.add_symlink(tar_path, &target)?;
             Ok(false)
         } else if ft.is_dir() {
@@ -138,14 +142,14 @@ impl<W: Write> LayerWriter<W> {
                 0o444
             };
             let size = meta.len();
-            let mut file = fs::File::open(fs_path).map_err(io_at(fs_path))?;
+            let mut file = fs::File::open(fs_path).map_err(io_err("open", fs_path))?;
             let mut h = header(tar::EntryType::Regular, mode, size);
             // The tar crate writes the header (and any long-name entry);
             // the data goes straight to the sink in big chunks, because
             // its own copy loop feeds the compressor 8 KiB at a time.
             self.tar
                 .append_data(&mut h, tar_path, io::empty())
-                .map_err(io_at(fs_path))?;
+                .map_err(io_err("writing", fs_path))?;
             let sink = self.tar.get_mut();
             let mut remaining = size;
             while remaining > 0 {
@@ -155,17 +159,15 @@ impl<W: Write> LayerWriter<W> {
                     .min(usize::try_from(remaining).unwrap_or(usize::MAX));
                 let n = match file.read(&mut self.buf[..want]) {
                     Ok(0) => {
-                        return Err(LayerError::Io {
-                            path: fs_path.to_owned(),
-                            source: io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "file shrank while being archived",
-                            ),
-                        })
+                        return Err(io_err("read", fs_path)(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "file shrank while being archived",
+                        ))
+                        .into())
                     }
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(io_at(fs_path)(e)),
+                    Err(e) => return Err(io_err("read", fs_path)(e).into()),
                 };
                 sink.write_all(&self.buf[..n]).map_err(LayerError::Write)?;
                 remaining -= n as u64;
@@ -204,8 +206,8 @@ impl<W: Write> LayerWriter<W> {
 
 fn sorted_names_desc(dir: &Path) -> Result<Vec<OsString>, LayerError> {
     let mut names = Vec::new();
-    for entry in fs::read_dir(dir).map_err(io_at(dir))? {
-        names.push(entry.map_err(io_at(dir))?.file_name());
+    for entry in fs::read_dir(dir).map_err(io_err("read", dir))? {
+        names.push(entry.map_err(io_err("read", dir))?.file_name());
     }
     names.sort_by(|a, b| b.as_bytes().cmp(a.as_bytes()));
     Ok(names)
