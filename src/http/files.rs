@@ -15,6 +15,7 @@ use crate::http::body::{blob_stream, empty, full, insert_str, json_response, Bod
 use crate::http::chunks::ChunkPool;
 use crate::http::error::ApiError;
 use crate::http::range::Span;
+use crate::http::status_page::escape as html_escape;
 use crate::http::{parse_query, App};
 use crate::oci::error_code::ErrorCode;
 use crate::oci::reference::RegistryHost;
@@ -96,14 +97,6 @@ pub(crate) async fn files(
             Ok(resp)
         }
     }
-}
-
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
 }
 
 fn href_escape(s: &str) -> String {

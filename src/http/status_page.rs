@@ -5,11 +5,13 @@
 
 use std::fmt::Write as _;
 
+use crate::ops::setup::hosts_toml;
 use crate::store::gc::CachedImage;
 use crate::telemetry::events::EVENTS;
 use crate::util::time::now_secs;
 
-fn escape(s: &str) -> String {
+/// Text for HTML content and attribute values.
+pub(crate) fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -129,16 +131,14 @@ pre {{ padding: .8rem; overflow-x: auto; }}
         r#"<h2>Client setup</h2>
 <p>containerd: <code>sudo nixery-local setup containerd</code> writes this for <code>nix.local</code>, Docker Hub and other registries:</p>
 <pre># /etc/containerd/certs.d/docker.io/hosts.toml
-server = "https://registry-1.docker.io"
-
-[host."http://{addr}"]
-  capabilities = ["pull", "resolve"]</pre>
+{hosts_toml}</pre>
 <p>Then <code>ctr images pull --hosts-dir /etc/containerd/certs.d nix.local/hello:latest</code>.
 Docker: <code>docker pull {addr}/nix/hello</code>, or <code>sudo nixery-local setup docker</code> for a Docker Hub mirror.
 Podman: <code>sudo nixery-local setup podman</code>.</p>
 </body></html>
 "#,
-        addr = escape(addr)
+        addr = escape(addr),
+        hosts_toml = escape(&hosts_toml("docker.io", &format!("http://{addr}"))),
     );
     h
 }
@@ -161,6 +161,6 @@ mod tests {
         assert!(page.contains("upstream said &lt;b&gt;no&lt;/b&gt;"));
         assert!(!page.contains("<script>"));
         assert!(page.contains("1.2 kB of 1.0 MB allowed"));
-        assert!(page.contains("[host.\"http://127.0.0.1:7733\"]"));
+        assert!(page.contains("[host.&quot;http://127.0.0.1:7733&quot;]"));
     }
 }
