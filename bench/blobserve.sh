@@ -21,7 +21,7 @@
 # $BENCH_DIR/results/<timestamp>/.
 #
 # Knobs: BENCH_DIR  FILE_MIB=100  RUNS=5  WARM_RUNS=41  NIX=1 (0: skip the Nix image)
-#        NIXERY_BIN=path (default target/release/nixery-local)  BUILD=1
+#        NIXERY_BIN=path  BUILD=1 (as in bench/lib.sh)
 set -euo pipefail
 
 BENCH_DIR=${BENCH_DIR:-/tmp/nixery-bench-blobserve}
@@ -29,74 +29,21 @@ FILE_MIB=${FILE_MIB:-100}
 RUNS=${RUNS:-5}
 WARM_RUNS=${WARM_RUNS:-41}
 NIX=${NIX:-1}
-BUILD=${BUILD:-1}
-REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-NIXERY_BIN=${NIXERY_BIN:-$REPO_ROOT/target/release/nixery-local}
 
-RUN_ID=$(date +%Y%m%dT%H%M%S)
-OUT=$BENCH_DIR/results/$RUN_ID
-RAW=$OUT/raw.tsv
-mkdir -p "$OUT"
-: >"$RAW"
+# shellcheck source=bench/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "FATAL: $*"; exit 1; }
-record() { printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$RAW"; } # metric run value
-
-DAEMON_PID=
-ADDR=
-cleanup() {
-  if [[ -n $DAEMON_PID ]]; then kill "$DAEMON_PID" 2>/dev/null || true; wait "$DAEMON_PID" 2>/dev/null || true; fi
-}
-trap cleanup EXIT
-
-median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) {print "nan"} else if (NR%2) {print a[(NR+1)/2]} else {print (a[NR/2]+a[NR/2+1])/2}}'; }
-
-for cmd in curl sha256sum tar openssl; do
-  command -v "$cmd" >/dev/null || die "$cmd is required"
-done
-
-if [[ $BUILD == 1 ]]; then
-  log "cargo build --release"
-  (cd "$REPO_ROOT" && cargo build --release --quiet) || die "build failed"
-fi
-[[ -x $NIXERY_BIN ]] || die "no binary at $NIXERY_BIN"
+need_tools curl sha256sum tar openssl python3
+build_nixery
 
 # --- inputs -----------------------------------------------------------------
-
-# An OCI layout at $1 with tag $3 and one plain-tar layer $2.
-make_layout() {
-  local dir=$1 layer=$2 tag=$3
-  rm -rf "$dir"; mkdir -p "$dir/blobs/sha256"
-  echo '{"imageLayoutVersion":"1.0.0"}' >"$dir/oci-layout"
-  local ld lsize
-  ld=$(sha256sum "$layer" | cut -d' ' -f1)
-  lsize=$(stat -c %s "$layer")
-  cp "$layer" "$dir/blobs/sha256/$ld"
-  local arch
-  case $(uname -m) in x86_64) arch=amd64 ;; aarch64) arch=arm64 ;; *) arch=$(uname -m) ;; esac
-  local config
-  config=$(printf '{"architecture":"%s","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' "$arch" "$ld")
-  local cd csize
-  printf '%s' "$config" >"$dir/config.tmp"
-  cd=$(sha256sum "$dir/config.tmp" | cut -d' ' -f1); csize=$(stat -c %s "$dir/config.tmp")
-  mv "$dir/config.tmp" "$dir/blobs/sha256/$cd"
-  printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%s}]}' \
-    "$cd" "$csize" "$ld" "$lsize" >"$dir/manifest.tmp"
-  local md msize
-  md=$(sha256sum "$dir/manifest.tmp" | cut -d' ' -f1); msize=$(stat -c %s "$dir/manifest.tmp")
-  mv "$dir/manifest.tmp" "$dir/blobs/sha256/$md"
-  printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"org.opencontainers.image.ref.name":"%s"}}]}' \
-    "$md" "$msize" "$tag" >"$dir/index.json"
-  echo "sha256:$ld"
-}
 
 SRC=$BENCH_DIR/src-$FILE_MIB
 if [[ ! -f $SRC/big/big.bin ]]; then
   log "writing the ${FILE_MIB} MiB file"
   mkdir -p "$SRC/big" "$SRC/small/etc"
-  openssl enc -aes-128-ctr -nosalt -pass pass:nixery-blobserve -pbkdf2 -in /dev/zero 2>/dev/null \
-    | head -c $((FILE_MIB * 1024 * 1024)) >"$SRC/big/big.bin.tmp" || true # openssl dies of SIGPIPE
+  keystream $((FILE_MIB * 1024 * 1024)) >"$SRC/big/big.bin.tmp"
   [[ $(stat -c %s "$SRC/big/big.bin.tmp") == $((FILE_MIB * 1024 * 1024)) ]] || die "could not write the file"
   mv "$SRC/big/big.bin.tmp" "$SRC/big/big.bin"
 fi
@@ -106,8 +53,8 @@ for i in $(seq 1 50); do echo "file $i" >"$SRC/small/etc/f$i"; done
 TARFLAGS=(--format=ustar --mtime=@1700000000 --owner=0 --group=0 --numeric-owner --sort=name)
 tar "${TARFLAGS[@]}" -C "$SRC/big" -cf "$SRC/big.tar" big.bin small.txt
 tar "${TARFLAGS[@]}" -C "$SRC/small" -cf "$SRC/small.tar" etc
-BIG_LAYER=$(make_layout "$BENCH_DIR/layout-big" "$SRC/big.tar" 1)
-make_layout "$BENCH_DIR/layout-small" "$SRC/small.tar" 1 >/dev/null
+BIG_LAYER=$(oci_layout "$BENCH_DIR/layout-big" "$SRC/big.tar" 1 "nixery-local bench/blobserve.sh")
+oci_layout "$BENCH_DIR/layout-small" "$SRC/small.tar" 1 "nixery-local bench/blobserve.sh" >/dev/null
 FILE_SHA=$(sha256sum "$SRC/big/big.bin" | cut -d' ' -f1)
 
 STATE=$BENCH_DIR/state
@@ -115,35 +62,21 @@ rm -rf "$STATE"
 "$NIXERY_BIN" import --state-dir "$STATE" "$BENCH_DIR/layout-big" docker.io/bench/big:1 >/dev/null
 "$NIXERY_BIN" import --state-dir "$STATE" "$BENCH_DIR/layout-small" docker.io/bench/small:1 >/dev/null
 
-# --- daemon -------------------------------------------------------------------
-
-start_daemon() { # state-dir log-name [extra args…]
-  local state=$1 name=$2; shift 2
-  "$NIXERY_BIN" serve --listen 127.0.0.1:0 --state-dir "$state" --offline "$@" \
-    >"$OUT/$name.stdout" 2>>"$OUT/$name.log" &
-  DAEMON_PID=$!
-  local i
-  for i in $(seq 1 200); do
-    ADDR=$(sed -n 's|^nixery-local listening on http://||p' "$OUT/$name.stdout")
-    [[ -n $ADDR ]] && return 0
-    sleep 0.05
-  done
-  die "daemon did not start (see $OUT/$name.log)"
-}
-stop_daemon() {
-  kill "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true; DAEMON_PID=
-}
-
 # --- 1. cold first-file latency -----------------------------------------------
 
+first_file() { # METRIC RUN LOG PATH STATE [ARG...]: a fresh daemon, one GET of PATH
+  local metric=$1 run=$2 name=$3 path=$4 state=$5 t
+  shift 5
+  start_nixery "$name" --state-dir "$state" --offline "$@"
+  t=$(curl -fsS -o /dev/null -w '%{time_total}' "${BASE[nixery]}$path") || die "GET $path failed"
+  record "$metric" "$run" "$t"
+  stop_server nixery
+}
 cold() { # metric path
-  local metric=$1 path=$2 run t
+  local run
   for run in $(seq 1 "$RUNS"); do
     rm -rf "$STATE/extracted"
-    start_daemon "$STATE" cold
-    t=$(curl -fsS -o /dev/null -w '%{time_total}' "http://$ADDR$path") || die "GET $path failed"
-    record "$metric" "$run" "$t"
-    stop_daemon
+    first_file "$1" "$run" cold "$2" "$STATE"
   done
 }
 log "cold first-file latency ($RUNS runs each)"
@@ -151,20 +84,13 @@ cold cold_small /files/bench/small:1/etc/motd
 cold cold_big /files/bench/big:1/small.txt
 
 if [[ $NIX == 1 ]] && command -v nix-build >/dev/null; then
+  NIX_ARGS=(--pkgs-path "$REPO_ROOT/tests/pkgs" --nix-option substituters=)
   for run in $(seq 1 "$RUNS"); do
     rm -rf "$BENCH_DIR/nix-state"
-    start_daemon "$BENCH_DIR/nix-state" nix --pkgs-path "$REPO_ROOT/tests/pkgs" --nix-option substituters=
-    t=$(curl -fsS -o /dev/null -w '%{time_total}' "http://$ADDR/files/nix/hello:latest/bin/hello") \
-      || die "GET nix/hello failed"
-    record cold_nix "$run" "$t"
+    first_file cold_nix "$run" nix /files/nix/hello:latest/bin/hello "$BENCH_DIR/nix-state" "${NIX_ARGS[@]}"
     # The same image again on a fresh extracted space: built, not extracted.
-    stop_daemon
     rm -rf "$BENCH_DIR/nix-state/extracted"
-    start_daemon "$BENCH_DIR/nix-state" nix --pkgs-path "$REPO_ROOT/tests/pkgs" --nix-option substituters=
-    t=$(curl -fsS -o /dev/null -w '%{time_total}' "http://$ADDR/files/nix/hello:latest/bin/hello") \
-      || die "GET nix/hello failed"
-    record cold_nix_built "$run" "$t"
-    stop_daemon
+    first_file cold_nix_built "$run" nix /files/nix/hello:latest/bin/hello "$BENCH_DIR/nix-state" "${NIX_ARGS[@]}"
   done
 fi
 
@@ -172,35 +98,28 @@ fi
 
 log "warm throughput ($WARM_RUNS alternating runs)"
 rm -rf "$STATE/extracted"
-start_daemon "$STATE" warm
-curl -fsS -o /dev/null "http://$ADDR/files/bench/big:1/small.txt" || die "warm-up failed"
-got=$(curl -fsS "http://$ADDR/files/bench/big:1/big.bin" | sha256sum | cut -d' ' -f1)
+start_nixery warm --state-dir "$STATE" --offline
+ADDR=${BASE[nixery]}
+curl -fsS -o /dev/null "$ADDR/files/bench/big:1/small.txt" || die "warm-up failed"
+got=$(url_sha256 "$ADDR/files/bench/big:1/big.bin")
 [[ $got == "$FILE_SHA" ]] || die "the file served is not the file in the image"
+declare -A URL=([file]="$ADDR/files/bench/big:1/big.bin" [blob]="$ADDR/v2/bench/big/blobs/$BIG_LAYER")
 # Alternating, and which goes first alternates too.
-fetch() { # metric url run
-  local s
-  s=$(curl -fsS -o /dev/null -w '%{speed_download}' "$2") || die "GET $2 failed"
-  record "$1" "$3" "$s"
-}
 for run in $(seq 1 "$WARM_RUNS"); do
-  if ((run % 2)); then
-    fetch file_bps "http://$ADDR/files/bench/big:1/big.bin" "$run"
-    fetch blob_bps "http://$ADDR/v2/bench/big/blobs/$BIG_LAYER" "$run"
-  else
-    fetch blob_bps "http://$ADDR/v2/bench/big/blobs/$BIG_LAYER" "$run"
-    fetch file_bps "http://$ADDR/files/bench/big:1/big.bin" "$run"
-  fi
+  for what in $(in_turn "$run" "file blob"); do
+    s=$(curl -fsS -o /dev/null -w '%{speed_download}' "${URL[$what]}") || die "GET ${URL[$what]} failed"
+    record "${what}_bps" "$run" "$s"
+  done
 done
 EXTRACTIONS=$(grep -c "extracted layer" "$OUT/warm.log" || true)
-stop_daemon
+stop_server nixery
 
 # --- report -------------------------------------------------------------------
 
-med() { awk -F'\t' -v m="$1" '$1==m {print $3}' "$RAW" | median; }
 ms() { awk -v s="$(med "$1")" 'BEGIN { if (s=="nan") print "n/a"; else printf "%.1f ms", s*1000 }'; }
 mibs() { awk -v b="$(med "$1")" 'BEGIN { printf "%.0f MiB/s", b/1048576 }'; }
-RATIO=$(awk -v f="$(med file_bps)" -v b="$(med blob_bps)" 'BEGIN { printf "%.2f", f/b }')
-VERDICT=$(awk -v r="$RATIO" 'BEGIN { print (r >= 1.0) ? "PASS" : "FAIL" }')
+RATIO=$(ratio "$(med file_bps)" "$(med blob_bps)")
+VERDICT=$(pass_if "$RATIO" '>=' 1.0)
 
 cat <<EOF | tee "$OUT/summary.txt"
 blobserve benchmark ($RUN_ID), medians of $RUNS cold and $WARM_RUNS warm runs, $(nproc) CPUs

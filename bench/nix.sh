@@ -36,7 +36,8 @@
 #   BENCH_DIR=/tmp/nixery-bench-nix  RUNS=3  E2E_RUNS=3
 #   COMPRESSIONS="gzip zstd none"    WARM_CURLS=200  WRK_DURATION=5s
 #   PHASES="cold e2e warm share"     (any subset, in this order)
-#   NIXERY_BIN=path  (default: cargo build --release, target/release/nixery-local)
+#   NIXERY_BIN=path  (default: cargo build --release, then
+#                     ${CARGO_TARGET_DIR:-target}/release/nixery-local)
 #   BUILD=1          (0: do not run cargo build)
 set -euo pipefail
 
@@ -47,89 +48,35 @@ COMPRESSIONS=${COMPRESSIONS:-gzip zstd none}
 WARM_CURLS=${WARM_CURLS:-200}
 WRK_DURATION=${WRK_DURATION:-5s}
 PHASES=${PHASES:-cold e2e warm share}
-BUILD=${BUILD:-1}
 
-REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-NIXERY_BIN=${NIXERY_BIN:-$REPO_ROOT/target/release/nixery-local}
+# shellcheck source=bench/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init
+
 PKGS=$REPO_ROOT/tests/pkgs
-OCI_MANIFEST=application/vnd.oci.image.manifest.v1+json
 CTR_ACCEPT="application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, */*"
 
-RUN_ID=$(date +%Y%m%dT%H%M%S)
-OUT=$BENCH_DIR/results/$RUN_ID
-RAW=$OUT/raw.tsv
-mkdir -p "$OUT"
-: >"$RAW"
-
-ERRORS=()
-DAEMON_PID=
-DAEMON_BASE=
 CTRD_PID=
 CTRD_DIR=
+ON_EXIT+=(stop_containerd)
 
-log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "FATAL: $*"; exit 1; }
-err() { log "ERROR: $*"; ERRORS+=("$*"); }
-has_phase() { [[ " $PHASES " == *" $1 "* ]]; }
-record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RAW"; } # metric variant run value
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
-
-# median/quantile of the values recorded for METRIC VARIANT
-values() { awk -F'\t' -v m="$1" -v v="$2" '$1 == m && $2 == v { print $4 }' "$RAW"; }
-quantile() { # Q, values on stdin (nearest rank)
-  sort -g | awk -v q="$1" '{ a[NR] = $1 } END { if (NR == 0) { print "nan"; exit } i = int(q * NR + 0.999999); if (i < 1) i = 1; if (i > NR) i = NR; print a[i] }'
-}
-median() { # values on stdin; mean of the middle two for an even count
-  sort -g | awk '{ a[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
-}
-med() { values "$1" "$2" | median; }
-
-# shellcheck disable=SC2317  # invoked via trap
-cleanup() {
-  local rc=$?
-  stop_containerd
-  stop_daemon
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+has_phase() { in_list "$1" "$PHASES"; }
 
 [[ $(id -u) == 0 ]] || die "run as root: containerd unpacks with overlayfs"
-for tool in nix-build nix-store busybox containerd ctr runc curl wrk zstd gzip tar python3 sha256sum; do
-  command -v "$tool" >/dev/null || die "missing tool: $tool"
-done
+need_tools nix-build nix-store busybox containerd ctr runc curl wrk zstd gzip tar python3 sha256sum
 tar --version | head -1 | grep -q 'GNU tar' || die "GNU tar needed"
 
 # --------------------------------------------------------------------------
 # Machine info, binary, closure
 # --------------------------------------------------------------------------
-GIT_REV=$(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo none)
-if [[ $GIT_REV != none && -n $(git -C "$REPO_ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then
-  GIT_REV="$GIT_REV+dirty"
-fi
-{
-  echo "date:            $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "git:             $GIT_REV"
-  echo "cpu:             $(nproc) x $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
-  echo "memory:          $(awk '/^MemTotal/ { printf "%.1f GiB", $2/1048576 }' /proc/meminfo)"
-  echo "kernel:          $(uname -sr)"
-  echo "loadavg (start): $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "nix:             $(nix-build --version)"
-  echo "containerd:      $(containerd --version)"
-  echo "unpigz:          $(command -v unpigz || echo 'absent (containerd gunzips in Go)')"
-  echo "tar/gzip/zstd:   $(tar --version | head -1) / $(gzip --version | head -1) / $(zstd --version)"
-  echo "rustc:           $(rustc --version 2>/dev/null || echo n/a)"
-  echo "params:          runs=$RUNS e2e_runs=$E2E_RUNS compressions='$COMPRESSIONS' warm_curls=$WARM_CURLS wrk=$WRK_DURATION phases='$PHASES'"
-} | tee "$OUT/machine.txt" >&2
-
-if [[ $BUILD == 1 ]]; then
-  log "cargo build --release"
-  (cd "$REPO_ROOT" && cargo build --release --bin nixery-local) >"$OUT/cargo-build.log" 2>&1 \
-    || die "cargo build --release failed; see $OUT/cargo-build.log"
-fi
-[[ -x $NIXERY_BIN ]] || die "no nixery-local binary at $NIXERY_BIN"
+machine_info \
+  nix "$(nix-build --version)" \
+  containerd "$(containerd --version)" \
+  unpigz "$(command -v unpigz || echo 'absent (containerd gunzips in Go)')" \
+  tar/gzip/zstd "$(tar --version | head -1) / $(gzip --version | head -1) / $(zstd --version)" \
+  rustc "$(rustc --version 2>/dev/null || echo n/a)" \
+  params "runs=$RUNS e2e_runs=$E2E_RUNS compressions='$COMPRESSIONS' warm_curls=$WARM_CURLS wrk=$WRK_DURATION phases='$PHASES'"
+build_nixery
 
 log "realising big, medium, cacert, iana-etc (nix-build)"
 mapfile -t OUTS < <(nix-build --no-out-link --option substituters "" "$PKGS" \
@@ -157,27 +104,12 @@ tar -C / -cf - "${REL[@]}" | cat >/dev/null
 # The daemon
 # --------------------------------------------------------------------------
 start_daemon() { # STATE_DIR COMPRESSION LOG_NAME
-  local state=$1 compression=$2 name=$3 line="" i
-  "$NIXERY_BIN" serve --listen 127.0.0.1:0 --state-dir "$state" \
-    --pkgs-path "$PKGS" --nix-option substituters= --layer-compression "$compression" \
-    >"$OUT/$name.stdout" 2>"$OUT/$name.log" &
-  DAEMON_PID=$!
-  for i in $(seq 300); do
-    line=$(grep -m1 -o 'listening on http://[0-9.:]*' "$OUT/$name.stdout" 2>/dev/null || true)
-    [[ -n $line ]] && break
-    kill -0 "$DAEMON_PID" 2>/dev/null || die "nixery-local serve exited; see $OUT/$name.log"
-    sleep 0.05
-  done
-  [[ -n $line ]] || die "nixery-local did not print its listen address within 15s"
-  DAEMON_BASE=${line#listening on }
+  start_nixery "$3" --state-dir "$1" \
+    --pkgs-path "$PKGS" --nix-option substituters= --layer-compression "$2"
+  DAEMON_BASE=${BASE[nixery]}
 }
 
-stop_daemon() {
-  [[ -n $DAEMON_PID ]] || return 0
-  kill "$DAEMON_PID" 2>/dev/null || true
-  wait "$DAEMON_PID" 2>/dev/null || true
-  DAEMON_PID=
-}
+stop_daemon() { stop_server nixery; }
 
 cpu_ticks() { # PID -> utime+stime+cutime+cstime in clock ticks
   awk '{ print $14 + $15 + $16 + $17 }' "/proc/$1/stat"
@@ -212,6 +144,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 EOF
   containerd --config "$CTRD_DIR/config.toml" >>"$OUT/containerd.log" 2>&1 &
   CTRD_PID=$!
+  CHILDREN+=("$CTRD_PID")
   for i in $(seq 200); do
     [[ -S $CTRD_DIR/c.sock ]] && ctr --address "$CTRD_DIR/c.sock" version >/dev/null 2>&1 && return 0
     kill -0 "$CTRD_PID" 2>/dev/null || die "containerd exited; see $OUT/containerd.log"
@@ -221,9 +154,8 @@ EOF
 }
 
 stop_containerd() {
-  [[ -n $CTRD_PID ]] || return 0
-  kill "$CTRD_PID" 2>/dev/null || true
-  wait "$CTRD_PID" 2>/dev/null || true
+  [[ -n $CTRD_DIR ]] || return 0
+  stop_pid "$CTRD_PID"
   CTRD_PID=
   local m
   # Anything still mounted under the directory, deepest first.
@@ -290,11 +222,11 @@ daemon_cold_once() { # COMPRESSION RUN
   local c=$1 run=$2 state=$BENCH_DIR/state-cold r code t ticks0 ticks1 ms bytes n
   rm -rf "$state"
   start_daemon "$state" "$c" "daemon-cold-$c-$run"
-  ticks0=$(cpu_ticks "$DAEMON_PID")
+  ticks0=$(cpu_ticks "${PID[nixery]}")
   r=$(curl -sS -o "$OUT/manifest-big-$c.json" -w '%{http_code} %{time_total}' \
     -H "Accept: $OCI_MANIFEST" "$DAEMON_BASE/v2/nix/big/manifests/latest") \
     || { err "cold $c run $run: curl failed"; stop_daemon; return 0; }
-  ticks1=$(cpu_ticks "$DAEMON_PID")
+  ticks1=$(cpu_ticks "${PID[nixery]}")
   read -r code t <<<"$r"
   stop_daemon
   if [[ $code != 200 ]]; then
@@ -314,13 +246,7 @@ daemon_cold_once() { # COMPRESSION RUN
 if has_phase cold; then
   for c in $COMPRESSIONS; do
     for run in $(seq "$RUNS"); do
-      if ((run % 2)); then
-        daemon_cold_once "$c" "$run"
-        pipeline_once "$c" "$run"
-      else
-        pipeline_once "$c" "$run"
-        daemon_cold_once "$c" "$run"
-      fi
+      for side in $(in_turn "$run" "daemon_cold_once pipeline_once"); do "$side" "$c" "$run"; done
     done
   done
 fi
@@ -382,19 +308,15 @@ if has_phase warm; then
     done
     log "warm  $variant curl median $(med warm_curl_ms "$variant") ms over $WARM_CURLS"
   done
-  cat >"$OUT/manifest.lua" <<EOF
-wrk.method = "GET"
-wrk.headers["Accept"] = "$OCI_MANIFEST"
-EOF
+  wrk_lua "$OCI_MANIFEST"
   f=$OUT/wrk-warm.txt
   if wrk -t1 -c1 -d"$WRK_DURATION" --latency -s "$OUT/manifest.lua" \
     "$DAEMON_BASE/v2/nix/big/manifests/latest" >"$f" 2>&1; then
-    non2xx=$(awk '/Non-2xx or 3xx responses:/ { print $NF }' "$f")
+    non2xx=$(wrk_non2xx "$f")
     [[ -z $non2xx ]] || err "wrk saw $non2xx non-2xx responses"
-    to_ms() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) print v / 1000; else if (v ~ /ms$/) print v + 0; else if (v ~ /s$/) print v * 1000 }'; }
-    record wrk_p50_ms oci 1 "$(to_ms "$(awk '$1 == "50%" { print $2 }' "$f")")"
-    record wrk_p99_ms oci 1 "$(to_ms "$(awk '$1 == "99%" { print $2 }' "$f")")"
-    record wrk_rps oci 1 "$(awk '/^Requests\/sec:/ { print $2 }' "$f")"
+    record wrk_p50_ms oci 1 "$(wrk_ms "$f" 50%)"
+    record wrk_p99_ms oci 1 "$(wrk_ms "$f" 99%)"
+    record wrk_rps oci 1 "$(wrk_rps "$f")"
     log "warm  wrk -c1: p50 $(med wrk_p50_ms oci) ms, $(med wrk_rps oci) req/s"
   else
     err "wrk failed; see $f"
@@ -470,9 +392,8 @@ mib() { awk -v b="$1" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
     echo "|---|---:|---:|---:|---:|---:|---:|---:|---|:---:|"
     for c in $COMPRESSIONS; do
       d=$(med cold_daemon_s "$c") p=$(med cold_pipeline_s "$c")
-      ratio=$(awk -v d="$d" -v p="$p" 'BEGIN { if (d > 0) printf "%.2f", p / d; else print "nan" }')
-      res=$(awk -v r="$ratio" 'BEGIN { print (r + 0 > 1.0) ? "PASS" : "FAIL" }')
-      echo "| $c | ${d} s | $(med cold_daemon_logged_ms "$c") ms | $(med cold_daemon_cpu_s "$c") s | ${p} s | ${ratio}× | $(med layer_count "$c") | $(mib "$(med layer_bytes "$c")") | > 1.0× | $res |"
+      q=$(ratio "$p" "$d")
+      echo "| $c | ${d} s | $(med cold_daemon_logged_ms "$c") ms | $(med cold_daemon_cpu_s "$c") s | ${p} s | ${q}× | $(med layer_count "$c") | $(mib "$(med layer_bytes "$c")") | > 1.0× | $(pass_if "$q" '>' 1.0) |"
     done
     echo
     echo "per run (s):"
@@ -503,10 +424,10 @@ mib() { awk -v b="$1" 'BEGIN { printf "%.1f MiB", b / 1048576 }'; }
     echo "|---|---:|---:|---:|---|:---:|"
     for variant in oci ns; do
       m=$(med warm_curl_ms "$variant")
-      echo "| curl ×$WARM_CURLS, $variant | $m ms | $(values warm_curl_ms "$variant" | quantile 0.9) ms | $(values warm_curl_ms "$variant" | quantile 0.99) ms | < 5 ms | $(awk -v m="$m" 'BEGIN { print (m + 0 < 5) ? "PASS" : "FAIL" }') |"
+      echo "| curl ×$WARM_CURLS, $variant | $m ms | $(values warm_curl_ms "$variant" | quantile 0.9) ms | $(values warm_curl_ms "$variant" | quantile 0.99) ms | < 5 ms | $(pass_if "$m" '<' 5) |"
     done
     m=$(med wrk_p50_ms oci)
-    echo "| wrk -t1 -c1 $WRK_DURATION ($(med wrk_rps oci) req/s) | $m ms | | $(med wrk_p99_ms oci) ms | < 5 ms | $(awk -v m="$m" 'BEGIN { print (m + 0 < 5) ? "PASS" : "FAIL" }') |"
+    echo "| wrk -t1 -c1 $WRK_DURATION ($(med wrk_rps oci) req/s) | $m ms | | $(med wrk_p99_ms oci) ms | < 5 ms | $(pass_if "$m" '<' 5) |"
   fi
   if has_phase share; then
     echo
