@@ -59,6 +59,7 @@ use crate::oci::reference::{NameError, RegistryHost};
 use crate::registry::{Registry, RegistryError};
 use crate::store::BlobFile;
 use crate::util::fs::{io_err, IoError};
+use crate::util::singleflight::SingleFlight;
 
 /// A file replaced wholesale in memory (for search-and-replace) is at most this big.
 const MAX_REPLACE_SIZE: u64 = 16 << 20;
@@ -232,6 +233,7 @@ impl Blobserve {
                 max_bytes: settings.max_bytes,
                 state: Mutex::new(state),
                 tmp_counter: AtomicU64::new(0),
+                extractions: SingleFlight::new(),
             }),
             repos: settings.repos,
         })

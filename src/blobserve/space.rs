@@ -10,13 +10,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::watch;
-
 use crate::blobserve::extract::extract_task;
 use crate::blobserve::{Blobserve, BlobserveError};
 use crate::oci::digest::Digest;
 use crate::oci::manifest;
 use crate::oci::reference::{RegistryHost, RepoName};
+use crate::util::singleflight::SingleFlight;
 
 /// Holds every layer of an image in use; dropping it lets them be evicted.
 pub struct ImageGuard {
@@ -45,14 +44,13 @@ pub(super) struct Inner {
     pub(super) max_bytes: u64,
     pub(super) state: Mutex<LayerState>,
     pub(super) tmp_counter: AtomicU64,
+    /// One extraction per layer at a time.
+    pub(super) extractions: SingleFlight<Digest, Result<(), String>>,
 }
-
-type Outcome = Option<Result<(), String>>;
 
 #[derive(Default)]
 pub(super) struct LayerState {
     pub(super) entries: HashMap<Digest, Entry>,
-    inflight: HashMap<Digest, watch::Receiver<Outcome>>,
     pub(super) total: u64,
     pub(super) clock: u64,
 }
@@ -75,77 +73,48 @@ impl Blobserve {
         let digest = layer.digest.clone();
         let dir = self.inner.layer_dir(&digest);
         loop {
-            let mut rx = {
-                let mut st = lock(&self.inner.state);
-                st.clock += 1;
-                let now = st.clock;
-                if let Some(e) = st.entries.get_mut(&digest) {
-                    e.users += 1;
-                    e.last_used = now;
-                    return Ok(LayerGuard {
-                        inner: Arc::clone(&self.inner),
-                        digest,
-                        dir,
-                    });
-                }
-                // A task that died without an answer (a panic) is forgotten.
-                if st
-                    .inflight
-                    .get(&digest)
-                    .is_some_and(|rx| rx.has_changed().is_err() && rx.borrow().is_none())
-                {
-                    st.inflight.remove(&digest);
-                }
-                match st.inflight.get(&digest) {
-                    Some(rx) => rx.clone(),
-                    None => {
-                        let (tx, rx) = watch::channel(None);
-                        st.inflight.insert(digest.clone(), rx.clone());
-                        let inner = Arc::clone(&self.inner);
-                        let registry = Arc::clone(&self.registry);
-                        let (h, r, l) = (host.clone(), repo.clone(), layer.clone());
-                        // Its own task: a client hanging up must not cancel it.
-                        tokio::spawn(async move {
-                            let result = extract_task(&inner, &registry, h, r, &l).await;
-                            let outcome = {
-                                let mut st = lock(&inner.state);
-                                st.inflight.remove(&l.digest);
-                                match result {
-                                    Ok(size) => {
-                                        st.clock += 1;
-                                        let now = st.clock;
-                                        st.total += size;
-                                        st.entries.insert(
-                                            l.digest.clone(),
-                                            Entry {
-                                                size,
-                                                last_used: now,
-                                                users: 0,
-                                            },
-                                        );
-                                        Ok(())
-                                    }
-                                    Err(e) => {
-                                        tracing::warn!(digest = %l.digest, error = %e, "layer extraction failed");
-                                        Err(e.to_string())
-                                    }
-                                }
-                            };
-                            let _ = tx.send(Some(outcome));
-                            let inner2 = Arc::clone(&inner);
-                            let keep = l.digest.clone();
-                            let _ = tokio::task::spawn_blocking(move || inner2.evict(&keep)).await;
-                        });
-                        rx
+            if let Some(guard) = self.inner.use_layer(&digest, &dir) {
+                return Ok(guard);
+            }
+            let inner = Arc::clone(&self.inner);
+            let registry = Arc::clone(&self.registry);
+            let (h, r, l) = (host.clone(), repo.clone(), layer.clone());
+            let outcome = self
+                .inner
+                .extractions
+                .run(digest.clone(), move || async move {
+                    // Extracted between our look and this start: done.
+                    if lock(&inner.state).entries.contains_key(&l.digest) {
+                        return Ok(());
                     }
-                }
-            };
-            let outcome = rx
-                .wait_for(Option::is_some)
+                    match extract_task(&inner, &registry, h, r, &l).await {
+                        Ok(size) => {
+                            let mut st = lock(&inner.state);
+                            st.clock += 1;
+                            let now = st.clock;
+                            st.total += size;
+                            st.entries.insert(
+                                l.digest.clone(),
+                                Entry {
+                                    size,
+                                    last_used: now,
+                                    users: 0,
+                                },
+                            );
+                            drop(st);
+                            let keep = l.digest.clone();
+                            tokio::task::spawn_blocking(move || inner.evict(&keep));
+                            Ok(())
+                        }
+                        Err(e) => {
+                            tracing::warn!(digest = %l.digest, error = %e, "layer extraction failed");
+                            Err(e.to_string())
+                        }
+                    }
+                })
                 .await
-                .map(|o| o.clone())
-                .unwrap_or(Some(Err("the extraction task ended".into())));
-            if let Some(Err(message)) = outcome {
+                .unwrap_or_else(|| Err("the extraction task ended".into()));
+            if let Err(message) = outcome {
                 return Err(BlobserveError::Extract {
                     digest: digest.clone(),
                     message,
@@ -160,6 +129,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Inner {
+    /// A guard on the layer if it is extracted, marking it used now.
+    fn use_layer(self: &Arc<Self>, digest: &Digest, dir: &Path) -> Option<LayerGuard> {
+        let mut st = lock(&self.state);
+        st.clock += 1;
+        let now = st.clock;
+        let e = st.entries.get_mut(digest)?;
+        e.users += 1;
+        e.last_used = now;
+        Some(LayerGuard {
+            inner: Arc::clone(self),
+            digest: digest.clone(),
+            dir: dir.to_owned(),
+        })
+    }
+
     pub(super) fn layer_dir(&self, digest: &Digest) -> PathBuf {
         self.root.join(digest.algorithm().name()).join(digest.hex())
     }

@@ -2,4 +2,5 @@
 //! with context.
 
 pub mod fs;
+pub mod singleflight;
 pub mod time;

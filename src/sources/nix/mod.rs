@@ -24,12 +24,11 @@ pub mod pkgset;
 mod process;
 pub mod runner;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 
 use self::image::{ImageError, ImageLayer, ImageSpec, Platform};
 use self::layers::{Compression, LayerError, LayerGroup, LayerInfo, Popularity};
@@ -43,6 +42,7 @@ use crate::sources::nix::runner::{Nix, NixConfig};
 use crate::sources::{ErrorKind, SourceError};
 use crate::store::{ManifestVariant, NixImageRecord, RecordKind, Store, StoreError, TagRecord};
 use crate::telemetry::metrics::{self, METRICS};
+use crate::util::singleflight::SingleFlight;
 use crate::util::time::now_secs;
 
 /// Bump when a change alters the bytes built for the same inputs.
@@ -157,7 +157,7 @@ pub struct NixImages {
     popularity: Mutex<Popularity>,
     /// Whether the local store's graph went into `popularity` yet.
     learnt_store: std::sync::atomic::AtomicBool,
-    inflight: Mutex<HashMap<Digest, watch::Receiver<Option<Outcome>>>>,
+    inflight: SingleFlight<Digest, Outcome>,
     builds: Semaphore,
 }
 
@@ -169,7 +169,7 @@ impl NixImages {
             popularity: Mutex::new(settings.popularity.clone()),
             learnt_store: std::sync::atomic::AtomicBool::new(false),
             settings,
-            inflight: Mutex::new(HashMap::new()),
+            inflight: SingleFlight::new(),
             builds: Semaphore::new(PARALLEL_BUILDS),
         }
     }
@@ -296,35 +296,13 @@ impl NixImages {
         name: ImageName,
         source: PkgSource,
     ) -> Outcome {
-        let mut rx = {
-            let mut inflight = self
-                .inflight
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            match inflight.get(&key) {
-                Some(rx) => rx.clone(),
-                None => {
-                    let (tx, rx) = watch::channel(None);
-                    inflight.insert(key.clone(), rx.clone());
-                    let this = Arc::clone(self);
-                    tokio::spawn(async move {
-                        let outcome = this.build_task(&key, name, source).await;
-                        let _ = tx.send(Some(outcome));
-                        this.inflight
-                            .lock()
-                            .unwrap_or_else(|poisoned| poisoned.into_inner())
-                            .remove(&key);
-                    });
-                    rx
-                }
-            }
-        };
-        // The sender is dropped without a value only if the task panicked.
-        let outcome = match rx.wait_for(Option::is_some).await {
-            Ok(v) => v.clone(),
-            Err(_) => None,
-        };
-        outcome.unwrap_or_else(|| Err(Arc::new(BuildError::Interrupted)))
+        let this = Arc::clone(self);
+        self.inflight
+            .run(key.clone(), move || async move {
+                this.build_task(&key, name, source).await
+            })
+            .await
+            .unwrap_or_else(|| Err(Arc::new(BuildError::Interrupted)))
     }
 
     async fn build_task(
