@@ -11,7 +11,6 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use crate::blobserve::space::{tree_size, Inner};
 use crate::blobserve::BlobserveError;
 use crate::oci::manifest;
 use crate::oci::reference::{RegistryHost, RepoName};
@@ -24,8 +23,10 @@ use crate::util::fs::io_err;
 const WRITE_BUFFER: usize = 1 << 20;
 
 /// Fetches the layer and extracts it; returns the bytes it takes.
+/// The layer is unpacked into `tmp`, then renamed to `dest`.
 pub(super) async fn extract_task(
-    inner: &Arc<Inner>,
+    tmp: PathBuf,
+    dest: PathBuf,
     registry: &Registry,
     host: RegistryHost,
     repo: RepoName,
@@ -51,12 +52,9 @@ pub(super) async fn extract_task(
             Source::Download(dl)
         }
     };
-    let inner2 = Arc::clone(inner);
     let digest = layer.digest.clone();
     let (size, files) = tokio::task::spawn_blocking(move || {
-        let tmp = inner2.tmp_path("extract");
         let result = extract_into(source, &tmp).and_then(|stats| {
-            let dest = inner2.layer_dir(&digest);
             if let Some(parent) = dest.parent() {
                 fs::create_dir_all(parent).map_err(io_err("create", parent))?;
             }
@@ -271,6 +269,26 @@ fn remove_any(path: &Path) -> Result<(), BlobserveError> {
         Ok(_) => Ok(fs::remove_file(path).map_err(io_err("remove", path))?),
         Err(_) => Ok(()),
     }
+}
+
+/// Bytes of regular files and symlinks under `dir` (symlinks not followed).
+pub(super) fn tree_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += m.len();
+            }
+        }
+    }
+    total
 }
 
 #[cfg(test)]

@@ -48,12 +48,13 @@ use serde::Deserialize;
 
 pub use self::content::content_type;
 use self::content::replace_all;
+use self::extract::tree_size;
 use self::request::components;
 pub use self::request::FileRequest;
 pub use self::resolve::MAX_SYMLINK_HOPS;
 use self::resolve::{join, list, resolve, Resolved};
 pub use self::space::ImageGuard;
-use self::space::{tree_size, Entry, Inner, LayerState};
+use self::space::{Entry, Inner, LayerState};
 use crate::oci::digest::Digest;
 use crate::oci::reference::{NameError, RegistryHost};
 use crate::registry::{Registry, RegistryError};

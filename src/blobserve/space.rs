@@ -87,7 +87,8 @@ impl Blobserve {
                     if lock(&inner.state).entries.contains_key(&l.digest) {
                         return Ok(());
                     }
-                    match extract_task(&inner, &registry, h, r, &l).await {
+                    let (tmp, dest) = (inner.tmp_path("extract"), inner.layer_dir(&l.digest));
+                    match extract_task(tmp, dest, &registry, h, r, &l).await {
                         Ok(size) => {
                             let mut st = lock(&inner.state);
                             st.clock += 1;
@@ -191,24 +192,4 @@ impl Inner {
             }
         }
     }
-}
-
-/// Bytes of regular files and symlinks under `dir` (symlinks not followed).
-pub(super) fn tree_size(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let Ok(m) = e.metadata() else { continue };
-            if m.is_dir() {
-                stack.push(e.path());
-            } else {
-                total += m.len();
-            }
-        }
-    }
-    total
 }

@@ -9,9 +9,9 @@ use serde::Deserialize;
 
 use crate::oci::reference::RegistryHost;
 use crate::sources::mirror::upstream::{Credential, UpstreamSettings};
+use crate::sources::nix::command::NixConfig;
 use crate::sources::nix::layers::{Compression, Popularity};
 use crate::sources::nix::pkgset::PkgSource;
-use crate::sources::nix::runner::NixConfig;
 use crate::sources::nix::{NixSettings, SourceSetting};
 
 /// Loopback only by default: the daemon serves whatever its cache holds to

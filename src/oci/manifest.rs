@@ -6,7 +6,6 @@
 use serde::Deserialize;
 
 use crate::oci::digest::Digest;
-use crate::oci::platform::Platform;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -43,6 +42,13 @@ pub struct Descriptor {
     /// Set on the entries of an index.
     #[serde(default)]
     pub platform: Option<Platform>,
+}
+
+/// The `platform` of an index entry.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct Platform {
+    pub architecture: String,
+    pub os: String,
 }
 
 pub fn is_index(media_type: &str) -> bool {

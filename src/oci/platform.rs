@@ -2,16 +2,7 @@
 //! place that maps Rust's architecture names to OCI's and chooses from an
 //! index, for prefetch, blobserve and anything else that must pick.
 
-use serde::Deserialize;
-
 use crate::oci::manifest::Descriptor;
-
-/// The `platform` of an index entry.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-pub struct Platform {
-    pub architecture: String,
-    pub os: String,
-}
 
 /// The OCI name of this machine's architecture.
 pub fn host_architecture() -> &'static str {

@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::config::Settings;
+use crate::sources::nix::command::Nix;
 use crate::sources::nix::pkgset::PkgSource;
-use crate::sources::nix::runner::Nix;
 use crate::sources::nix::SourceSetting;
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]

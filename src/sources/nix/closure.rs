@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::sources::nix::command::Nix;
 use crate::sources::nix::error::{NixError, Step};
-use crate::sources::nix::runner::Nix;
 
 /// Paths per `nix-store` invocation, to stay far below ARG_MAX.
 const ARGS_PER_CALL: usize = 2000;

@@ -12,10 +12,10 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::sources::nix::command::Nix;
 use crate::sources::nix::error::{NixError, Step};
 use crate::sources::nix::name::ImageName;
 use crate::sources::nix::pkgset::PkgSource;
-use crate::sources::nix::runner::Nix;
 
 /// The only Nix code this daemon runs. It is a constant: the request (source,
 /// system, package attribute paths split into segments) arrives as JSON via
@@ -157,7 +157,7 @@ pub struct ResolvedPackage {
     #[serde(default)]
     pub main_program: Option<String>,
     /// Added by
-    /// [`NixConfig::always_include`](crate::sources::nix::runner::NixConfig::always_include),
+    /// [`NixConfig::always_include`](crate::sources::nix::command::NixConfig::always_include),
     /// not by the name.
     #[serde(default)]
     pub optional: bool,
@@ -188,7 +188,7 @@ impl Evaluation {
 
 impl Nix {
     /// Resolves the packages of `name` (and
-    /// [`NixConfig::always_include`](crate::sources::nix::runner::NixConfig::always_include))
+    /// [`NixConfig::always_include`](crate::sources::nix::command::NixConfig::always_include))
     /// and instantiates their derivations, without building anything.
     /// Missing names are all reported at once.
     pub fn evaluate(&self, source: &PkgSource, name: &ImageName) -> Result<Evaluation, NixError> {
@@ -295,8 +295,8 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    use crate::sources::nix::command::NixConfig;
     use crate::sources::nix::runner::tests::{test_nix, test_pkgs};
-    use crate::sources::nix::runner::NixConfig;
 
     #[test]
     fn resolves_camel_case_nested_and_digit_names() {

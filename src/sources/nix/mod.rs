@@ -15,13 +15,13 @@
 //! - Each image's closure is kept alive by a GC root under the state dir.
 
 pub mod closure;
+pub mod command;
 pub mod error;
 pub mod eval;
 pub mod image;
 pub mod layers;
 pub mod name;
 pub mod pkgset;
-mod process;
 pub mod runner;
 
 use std::sync::{Arc, Mutex};
@@ -35,10 +35,10 @@ use self::layers::{Compression, LayerError, LayerGroup, LayerInfo, Popularity};
 use crate::oci::digest::{Algorithm, Digest};
 use crate::oci::manifest::{DOCKER_MANIFEST, OCI_MANIFEST};
 use crate::oci::reference::{RegistryHost, RepoName, Tag};
+use crate::sources::nix::command::{Nix, NixConfig};
 use crate::sources::nix::error::NixError;
 use crate::sources::nix::name::{ImageName, ImageNameError};
 use crate::sources::nix::pkgset::PkgSource;
-use crate::sources::nix::runner::{Nix, NixConfig};
 use crate::sources::{ErrorKind, SourceError};
 use crate::store::{ManifestVariant, NixImageRecord, RecordKind, Store, StoreError, TagRecord};
 use crate::telemetry::metrics::{self, METRICS};

@@ -1,4 +1,4 @@
-//! The handle on the host's Nix ([`Nix`], configured by [`NixConfig`]):
+//! Building an image's packages with the host's Nix:
 //! [`Nix::build`] evaluates an image name (see [`crate::sources::nix::eval`]),
 //! realises the outputs and queries their closure (see
 //! [`crate::sources::nix::closure`]), all within one deadline. Nix is whatever
@@ -8,53 +8,17 @@
 //! Everything here blocks (it waits for child processes): call it from
 //! `tokio::task::spawn_blocking`.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
 use crate::sources::nix::closure::ClosureGraph;
+use crate::sources::nix::command::Nix;
 use crate::sources::nix::error::{NixError, Step};
 use crate::sources::nix::eval::Evaluation;
 use crate::sources::nix::name::ImageName;
 use crate::sources::nix::pkgset::PkgSource;
-
-/// How to run Nix.
-#[derive(Debug, Clone)]
-pub struct NixConfig {
-    /// Directory holding `nix-instantiate` and `nix-store`; `None` searches
-    /// `PATH`.
-    pub bin_dir: Option<PathBuf>,
-    /// Deadline for one whole [`Nix::build`] (evaluation, build and queries).
-    pub timeout: Duration,
-    /// `--option NAME VALUE` pairs passed to every call (e.g.
-    /// `substituters ""` offline).
-    pub options: Vec<(String, String)>,
-    /// Packages added to every image when the package set has them, as
-    /// Nixery does with `cacert` and `iana-etc`; never reported missing.
-    pub always_include: Vec<String>,
-    /// How many lines of Nix's stderr errors carry.
-    pub stderr_lines: usize,
-}
-
-impl Default for NixConfig {
-    fn default() -> Self {
-        NixConfig {
-            bin_dir: None,
-            timeout: Duration::from_secs(600),
-            options: Vec::new(),
-            always_include: vec!["cacert".to_owned(), "iana-etc".to_owned()],
-            stderr_lines: 20,
-        }
-    }
-}
-
-/// A handle on the host's Nix. Cheap to clone; holds no processes.
-#[derive(Debug, Clone)]
-pub struct Nix {
-    config: NixConfig,
-}
 
 /// The result of [`Nix::build`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,36 +30,6 @@ pub struct BuiltImage {
 }
 
 impl Nix {
-    pub fn new(config: NixConfig) -> Nix {
-        Nix { config }
-    }
-
-    pub fn config(&self) -> &NixConfig {
-        &self.config
-    }
-
-    pub(super) fn base_args(&self) -> Vec<OsString> {
-        let mut args = Vec::new();
-        for (name, value) in &self.config.options {
-            args.extend(["--option".into(), name.into(), value.into()]);
-        }
-        args
-    }
-
-    /// `nix-store --version`, e.g. `nix-store (Nix) 2.8.0`: a cheap check
-    /// that Nix runs at all.
-    pub fn version(&self) -> Result<String, NixError> {
-        let deadline = Instant::now() + Duration::from_secs(30).min(self.config.timeout);
-        let out = self.run(
-            "nix-store",
-            vec!["--version".into()],
-            deadline,
-            Step::Version,
-        )?;
-        let out = self.expect_success(out, Step::Version)?;
-        Ok(String::from_utf8_lossy(&out).trim().to_owned())
-    }
-
     /// Evaluates, builds and queries the closure of `name` from `source`,
     /// all within [`NixConfig::timeout`].
     ///
@@ -110,7 +44,7 @@ impl Nix {
         name: &ImageName,
         gc_root: Option<&Path>,
     ) -> Result<BuiltImage, NixError> {
-        let deadline = Instant::now() + self.config.timeout;
+        let deadline = Instant::now() + self.config().timeout;
         self.init_store_once(deadline);
         let evaluation = self.evaluate_until(source, name, deadline)?;
         let (roots, gc_roots) = self.realise_until(&evaluation, gc_root, deadline)?;
@@ -122,33 +56,6 @@ impl Nix {
         })
     }
 
-    /// `nix-store --init`: creates the store's state directories and
-    /// database if missing. On a fresh single-user store, concurrent first
-    /// calls otherwise race (Nix 2.8: "creating symlink from
-    /// '/nix/var/nix/gcroots/profiles' … File exists"). Through a daemon it
-    /// is a no-op. [`Nix::build`] and [`Nix::evaluate`] run it once per
-    /// process.
-    pub fn init_store(&self) -> Result<(), NixError> {
-        let deadline = Instant::now() + Duration::from_secs(60).min(self.config.timeout);
-        let out = self.run("nix-store", vec!["--init".into()], deadline, Step::Version)?;
-        self.expect_success(out, Step::Version).map(drop)
-    }
-
-    pub(super) fn init_store_once(&self, deadline: Instant) {
-        static INIT: std::sync::Once = std::sync::Once::new();
-        INIT.call_once(|| {
-            let deadline = deadline.min(Instant::now() + Duration::from_secs(60));
-            let result = self
-                .run("nix-store", vec!["--init".into()], deadline, Step::Version)
-                .and_then(|out| self.expect_success(out, Step::Version));
-            // Not fatal: whatever is wrong shows up again, with context, in
-            // the call that needs the store.
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "nix-store --init failed");
-            }
-        });
-    }
-
     /// Builds (or substitutes) the outputs of an evaluation; returns the
     /// realised output paths and any GC root links (see [`Nix::build`]).
     pub fn realise(
@@ -156,7 +63,7 @@ impl Nix {
         evaluation: &Evaluation,
         gc_root: Option<&Path>,
     ) -> Result<(Vec<String>, Vec<PathBuf>), NixError> {
-        self.realise_until(evaluation, gc_root, Instant::now() + self.config.timeout)
+        self.realise_until(evaluation, gc_root, Instant::now() + self.config().timeout)
     }
 
     fn realise_until(
@@ -170,7 +77,7 @@ impl Nix {
         args.extend([
             "--option".into(),
             "log-lines".into(),
-            self.config.stderr_lines.to_string().into(),
+            self.config().stderr_lines.to_string().into(),
         ]);
         args.push("--realise".into());
         if let Some(root) = gc_root {
@@ -234,7 +141,7 @@ impl Nix {
             "--realise".into(),
             store_path.into(),
         ]);
-        let deadline = Instant::now() + self.config.timeout;
+        let deadline = Instant::now() + self.config().timeout;
         let out = self.run("nix-store", args, deadline, Step::GcRoot)?;
         self.expect_success(out, Step::GcRoot).map(drop)
     }
@@ -247,7 +154,9 @@ fn is_platform_error(stderr: &str) -> bool {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use crate::sources::nix::command::NixConfig;
     use std::process::Command;
+    use std::time::Duration;
 
     // --- Against the real Nix and tests/pkgs ------------------------------
 

@@ -461,9 +461,9 @@ pub(super) mod tests {
     }
 
     fn built_closure(name: &str) -> crate::sources::nix::runner::BuiltImage {
+        use crate::sources::nix::command::{Nix, NixConfig};
         use crate::sources::nix::name::ImageName;
         use crate::sources::nix::pkgset::PkgSource;
-        use crate::sources::nix::runner::{Nix, NixConfig};
         let nix = Nix::new(NixConfig {
             options: vec![("substituters".into(), String::new())],
             ..NixConfig::default()

@@ -1,4 +1,5 @@
-//! Running one Nix command: in its own process group with stdin closed,
+//! The handle on the host's Nix ([`Nix`], configured by [`NixConfig`]) and
+//! running one Nix command: in its own process group with stdin closed,
 //! with a deadline (SIGTERM, then SIGKILL to the whole group), stdout
 //! collected and the last lines of stderr kept (without terminal escapes)
 //! for errors.
@@ -13,7 +14,100 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::sources::nix::error::{NixError, Step};
-use crate::sources::nix::runner::Nix;
+
+/// How to run Nix.
+#[derive(Debug, Clone)]
+pub struct NixConfig {
+    /// Directory holding `nix-instantiate` and `nix-store`; `None` searches
+    /// `PATH`.
+    pub bin_dir: Option<PathBuf>,
+    /// Deadline for one whole [`Nix::build`] (evaluation, build and queries).
+    pub timeout: Duration,
+    /// `--option NAME VALUE` pairs passed to every call (e.g.
+    /// `substituters ""` offline).
+    pub options: Vec<(String, String)>,
+    /// Packages added to every image when the package set has them, as
+    /// Nixery does with `cacert` and `iana-etc`; never reported missing.
+    pub always_include: Vec<String>,
+    /// How many lines of Nix's stderr errors carry.
+    pub stderr_lines: usize,
+}
+
+impl Default for NixConfig {
+    fn default() -> Self {
+        NixConfig {
+            bin_dir: None,
+            timeout: Duration::from_secs(600),
+            options: Vec::new(),
+            always_include: vec!["cacert".to_owned(), "iana-etc".to_owned()],
+            stderr_lines: 20,
+        }
+    }
+}
+
+/// A handle on the host's Nix. Cheap to clone; holds no processes.
+#[derive(Debug, Clone)]
+pub struct Nix {
+    config: NixConfig,
+}
+
+impl Nix {
+    pub fn new(config: NixConfig) -> Nix {
+        Nix { config }
+    }
+
+    pub fn config(&self) -> &NixConfig {
+        &self.config
+    }
+
+    pub(super) fn base_args(&self) -> Vec<OsString> {
+        let mut args = Vec::new();
+        for (name, value) in &self.config.options {
+            args.extend(["--option".into(), name.into(), value.into()]);
+        }
+        args
+    }
+
+    /// `nix-store --version`, e.g. `nix-store (Nix) 2.8.0`: a cheap check
+    /// that Nix runs at all.
+    pub fn version(&self) -> Result<String, NixError> {
+        let deadline = Instant::now() + Duration::from_secs(30).min(self.config.timeout);
+        let out = self.run(
+            "nix-store",
+            vec!["--version".into()],
+            deadline,
+            Step::Version,
+        )?;
+        let out = self.expect_success(out, Step::Version)?;
+        Ok(String::from_utf8_lossy(&out).trim().to_owned())
+    }
+    /// `nix-store --init`: creates the store's state directories and
+    /// database if missing. On a fresh single-user store, concurrent first
+    /// calls otherwise race (Nix 2.8: "creating symlink from
+    /// '/nix/var/nix/gcroots/profiles' … File exists"). Through a daemon it
+    /// is a no-op. [`Nix::build`] and [`Nix::evaluate`] run it once per
+    /// process.
+    pub fn init_store(&self) -> Result<(), NixError> {
+        let deadline = Instant::now() + Duration::from_secs(60).min(self.config.timeout);
+        let out = self.run("nix-store", vec!["--init".into()], deadline, Step::Version)?;
+        self.expect_success(out, Step::Version).map(drop)
+    }
+
+    pub(super) fn init_store_once(&self, deadline: Instant) {
+        static INIT: std::sync::Once = std::sync::Once::new();
+        INIT.call_once(|| {
+            let deadline = deadline.min(Instant::now() + Duration::from_secs(60));
+            let result = self
+                .run("nix-store", vec!["--init".into()], deadline, Step::Version)
+                .and_then(|out| self.expect_success(out, Step::Version));
+            // Not fatal: whatever is wrong shows up again, with context, in
+            // the call that needs the store.
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "nix-store --init failed");
+            }
+        });
+    }
+}
 
 /// Output of a child process that exited.
 pub(super) struct Finished {
@@ -63,7 +157,7 @@ impl Nix {
 
     /// Runs one Nix command in its own process group with stdin closed,
     /// collecting stdout and the last
-    /// [`NixConfig::stderr_lines`](crate::sources::nix::runner::NixConfig::stderr_lines)
+    /// [`NixConfig::stderr_lines`](crate::sources::nix::command::NixConfig::stderr_lines)
     /// lines of stderr (each line also goes to the debug log, as progress). Past
     /// `deadline` the group gets SIGTERM (Nix then stops its builders),
     /// then SIGKILL.
@@ -255,10 +349,10 @@ mod tests {
     use super::*;
     use std::path::Path;
 
+    use crate::sources::nix::command::NixConfig;
     use crate::sources::nix::name::ImageName;
     use crate::sources::nix::pkgset::PkgSource;
     use crate::sources::nix::runner::tests::test_nix;
-    use crate::sources::nix::runner::NixConfig;
 
     #[test]
     fn stderr_tail_keeps_last_lines_without_escapes() {
