@@ -10,16 +10,12 @@ use nixery_local::app::open_store;
 use nixery_local::config::Options;
 use nixery_local::oci::reference::ImageRef;
 
-use super::{settings, usage, Failure};
+use super::{usage, CacheArgs, Failure};
 
 #[derive(Args)]
 pub struct ImportArgs {
-    /// TOML config file (only `state-dir` matters here).
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// The cache directory (defaults as for `serve`).
-    #[arg(long, value_name = "DIR")]
-    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    cache: CacheArgs,
     /// The layout directory, as written by `skopeo copy … oci:DIR:TAG`.
     layout: PathBuf,
     /// The image it becomes, e.g. docker.io/library/alpine:3.20.
@@ -27,11 +23,7 @@ pub struct ImportArgs {
 }
 
 pub fn run(args: ImportArgs) -> Result<(), Failure> {
-    let options = Options {
-        state_dir: args.state_dir,
-        ..Options::default()
-    };
-    let settings = settings(args.config, options)?;
+    let settings = args.cache.settings(Options::default())?;
     let reference: ImageRef = args.reference.parse().map_err(usage)?;
     let store = open_store(&settings)?;
     let digest = nixery_local::sources::layout::import_layout(&store, &args.layout, &reference)

@@ -8,10 +8,12 @@ use nixery_local::app::open_store;
 use nixery_local::store::gc::{self, Usage};
 use nixery_local::util::time::now_secs;
 
-use super::{Common, Failure};
+use nixery_local::config::Options;
 
-pub fn run(common: Common) -> Result<(), Failure> {
-    let settings = common.settings()?;
+use super::{CacheArgs, Failure};
+
+pub fn run(args: CacheArgs) -> Result<(), Failure> {
+    let settings = args.settings(Options::default())?;
     let store = open_store(&settings)?;
     let usage = Usage::load(&store).context("reading cache access times")?;
     let images = gc::images(&store, &usage.snapshot()).context("listing the cache")?;

@@ -53,6 +53,29 @@ impl Common {
     }
 }
 
+/// Where the cache is, for the commands that only read or change the cache
+/// (not every option of `serve`).
+#[derive(Args)]
+struct CacheArgs {
+    /// TOML config file, the same as `serve --config`; only its cache
+    /// settings matter here.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The cache directory (defaults as for `serve`).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+}
+
+impl CacheArgs {
+    fn settings(self, flags: Options) -> Result<Settings, Failure> {
+        let flags = Options {
+            state_dir: self.state_dir,
+            ..flags
+        };
+        settings(self.config, flags)
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the registry daemon.
@@ -70,9 +93,9 @@ enum Command {
     },
     /// Evict least recently used images until the cache is within
     /// --max-cache-size, and delete blobs nothing needs.
-    Gc(Common),
+    Gc(gc::GcArgs),
     /// List the cached images: registry, repository, tag, digest, size, last use.
-    Ls(Common),
+    Ls(CacheArgs),
     /// Pull images into the cache (Nix images are built, others fetched from
     /// upstream) to use them offline later, e.g. `nix/shell/git`,
     /// `docker.io/library/alpine:3.20`.
@@ -133,8 +156,8 @@ impl Cli {
             Command::Serve(common) => serve::run(common),
             Command::Import(args) => import::run(args),
             Command::Build { common, name } => build::run(common, &name),
-            Command::Gc(common) => gc::run(common),
-            Command::Ls(common) => ls::run(common),
+            Command::Gc(args) => gc::run(args),
+            Command::Ls(args) => ls::run(args),
             Command::Prefetch { common, images } => prefetch::run(common, &images),
             Command::Doctor(common) => doctor::run(common),
             Command::Setup { client } => setup::run(&client),

@@ -191,6 +191,9 @@ pub struct GcReport {
     pub freed_bytes: u64,
     pub size_before: u64,
     pub size_after: u64,
+    /// Images left in place because some of their blobs are younger than
+    /// the minimum age: just pulled or built, and perhaps still in use.
+    pub kept_young: usize,
 }
 
 /// Evicts least recently used images until the cache holds at most
@@ -241,6 +244,7 @@ pub fn collect(
         }
         // An image with fresh blobs was just pulled or built: keep it whole.
         if !img.blobs.iter().all(&collectable) {
+            report.kept_young += 1;
             continue;
         }
         evicted.push(img);
