@@ -44,7 +44,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use self::content::content_type;
 use self::content::replace_all;
@@ -66,7 +66,7 @@ use crate::util::singleflight::SingleFlight;
 const MAX_REPLACE_SIZE: u64 = 16 << 20;
 
 /// Per-repository settings, from the config file's `[blobserve."REPO"]`.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct BlobserveRepo {
     /// A directory in the image that every request path is relative to.
@@ -78,7 +78,7 @@ pub struct BlobserveRepo {
     pub replace: Vec<Replacement>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Replacement {
     pub file: String,

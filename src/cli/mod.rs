@@ -193,7 +193,10 @@ fn settings(config: Option<PathBuf>, flags: Options) -> Result<Settings, Failure
         Some(path) => Options::from_file(&path).map_err(usage)?,
         None => Options::default(),
     };
-    flags.or(file).resolve().map_err(|e: ConfigError| usage(e))
+    flags
+        .or(file)
+        .and_then(Options::resolve)
+        .map_err(|e: ConfigError| usage(e))
 }
 
 /// The upstream registries; a CA file that cannot be read is a

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::oci::reference::RegistryHost;
 use crate::sources::mirror::upstream::{Credential, UpstreamSettings};
@@ -50,12 +51,14 @@ pub enum ConfigError {
     // Never echoes a credential: messages name the host only.
     #[error("{0}")]
     Upstream(String),
+    #[error("merging the flags with the config file: {0}")]
+    Merge(String),
 }
 
 /// The options of `serve`, as flags and as keys of the config file (the file
 /// uses the flag names: `listen`, `state-dir`, …). All optional here so a
 /// flag left out falls back to the file, then to the default.
-#[derive(Clone, Debug, Default, Deserialize, clap::Args)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, clap::Args)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Options {
     /// Address to listen on [default: 127.0.0.1:7733]. Use a loopback address
@@ -243,42 +246,28 @@ impl Options {
         })
     }
 
-    /// `self` (flags) where set, else `file`.
-    pub fn or(self, file: Options) -> Options {
-        Options {
-            listen: self.listen.or(file.listen),
-            state_dir: self.state_dir.or(file.state_dir),
-            default_registry: self.default_registry.or(file.default_registry),
-            header_timeout: self.header_timeout.or(file.header_timeout),
-            max_connections: self.max_connections.or(file.max_connections),
-            pkgs_path: self.pkgs_path.or(file.pkgs_path),
-            pkgs_channel: self.pkgs_channel.or(file.pkgs_channel),
-            pkgs_repo: self.pkgs_repo.or(file.pkgs_repo),
-            pkgs_flake: self.pkgs_flake.or(file.pkgs_flake),
-            nix_namespace: self.nix_namespace.or(file.nix_namespace),
-            nix_registry: or_vec(self.nix_registry, file.nix_registry),
-            layer_budget: self.layer_budget.or(file.layer_budget),
-            layer_compression: self.layer_compression.or(file.layer_compression),
-            nix_ttl: self.nix_ttl.or(file.nix_ttl),
-            nix_timeout: self.nix_timeout.or(file.nix_timeout),
-            nix_option: or_vec(self.nix_option, file.nix_option),
-            popularity: self.popularity.or(file.popularity),
-            max_cache_size: self.max_cache_size.or(file.max_cache_size),
-            upstream: or_vec(self.upstream, file.upstream),
-            upstream_ca: or_vec(self.upstream_ca, file.upstream_ca),
-            credential: or_vec(self.credential, file.credential),
-            offline: self.offline || file.offline,
-            upstream_only: self.upstream_only || file.upstream_only,
-            tag_ttl: self.tag_ttl.or(file.tag_ttl),
-            upstream_timeout: self.upstream_timeout.or(file.upstream_timeout),
-            // blobserve (issue #6): repositories come from the file only.
-            blobserve_max_size: self.blobserve_max_size.or(file.blobserve_max_size),
-            blobserve: if self.blobserve.is_empty() {
-                file.blobserve
-            } else {
-                self.blobserve
-            },
+    /// `self` (flags) where set, else `file`. A flag left out, off, or
+    /// given no values leaves the file's value: the merge goes key by key
+    /// through the options' serialized form, so a new option needs no
+    /// code here.
+    pub fn or(self, file: Options) -> Result<Options, ConfigError> {
+        let merge_error = |e: serde_json::Error| ConfigError::Merge(e.to_string());
+        let flags = serde_json::to_value(self).map_err(merge_error)?;
+        let mut merged = serde_json::to_value(file).map_err(merge_error)?;
+        if let (Value::Object(flags), Value::Object(merged)) = (flags, &mut merged) {
+            for (key, value) in flags {
+                let unset = match &value {
+                    Value::Null | Value::Bool(false) => true,
+                    Value::Array(a) => a.is_empty(),
+                    Value::Object(o) => o.is_empty(),
+                    _ => false,
+                };
+                if !unset {
+                    merged.insert(key, value);
+                }
+            }
         }
+        serde_json::from_value(merged).map_err(merge_error)
     }
 
     pub fn resolve(self) -> Result<Settings, ConfigError> {
@@ -486,14 +475,6 @@ impl Options {
     }
 }
 
-fn or_vec<T>(flags: Vec<T>, file: Vec<T>) -> Vec<T> {
-    if flags.is_empty() {
-        file
-    } else {
-        flags
-    }
-}
-
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub listen: SocketAddr,
@@ -571,7 +552,7 @@ mod tests {
             state_dir: Some("/flag".into()),
             ..Options::default()
         };
-        let s = flags.or(file).resolve().expect("resolve");
+        let s = flags.or(file).expect("merge").resolve().expect("resolve");
         assert_eq!(s.listen.to_string(), "127.0.0.1:9000");
         assert_eq!(s.state_dir, PathBuf::from("/flag"));
         assert_eq!(s.header_timeout, Duration::from_secs(3));
