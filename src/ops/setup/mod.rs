@@ -1,8 +1,9 @@
 //! `nixery-local setup CLIENT`: points a container client at the daemon by
-//! writing its mirror configuration. This module owns what is written where
-//! (containerd's and Docker's `certs.d/<host>/hosts.toml`, Docker's
-//! `daemon.json`, podman's `registries.conf.d` drop-in, k3s'
-//! `registries.yaml`) and the rules for touching a user's files:
+//! writing its mirror configuration. What is written where belongs to one
+//! submodule per client (`containerd`: `certs.d/<host>/hosts.toml`, which
+//! Docker reads too; `docker`: `daemon.json`; `podman`: a `registries.conf.d`
+//! drop-in; `k3s`: `registries.yaml`). This module owns the command line and
+//! the rules for touching a user's files:
 //!
 //! - a file whose content would not change is left alone (setup is
 //!   idempotent);
@@ -13,7 +14,11 @@
 //! - the whole plan is checked before the first write, so a refusal changes
 //!   nothing; `--dry-run` prints the plan and changes nothing either.
 
-use std::fmt::Write as _;
+mod containerd;
+mod docker;
+mod k3s;
+mod podman;
+
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -22,6 +27,16 @@ use std::time::SystemTime;
 
 use crate::config::{Options, Settings};
 use crate::oci::reference::{RegistryHost, DOCKER_HUB};
+
+use containerd::{containerd_next, hosts_files};
+use docker::{docker_daemon_json, docker_next};
+use k3s::k3s_next;
+use podman::podman_next;
+
+pub use containerd::{hosts_toml, ContainerdArgs};
+pub use docker::DockerArgs;
+pub use k3s::{k3s_registries_yaml, K3sArgs};
+pub use podman::{podman_conf, PodmanArgs};
 
 /// First line of every file setup owns; a file without it is the user's.
 pub const MARKER: &str = "# Managed by nixery-local setup";
@@ -93,60 +108,6 @@ pub struct Registries {
     /// Mirror every registry: one `_default` entry instead of one per host.
     #[arg(long)]
     pub all: bool,
-}
-
-#[derive(Clone, Debug, clap::Args)]
-pub struct ContainerdArgs {
-    /// containerd's hosts directory (the CRI plugin's `config_path`, ctr's
-    /// `--hosts-dir`).
-    #[arg(long, value_name = "DIR", default_value = "/etc/containerd/certs.d")]
-    pub hosts_dir: PathBuf,
-    #[command(flatten)]
-    pub registries: Registries,
-    #[command(flatten)]
-    pub common: Common,
-}
-
-#[derive(Clone, Debug, clap::Args)]
-pub struct DockerArgs {
-    /// Docker's daemon config, where `registry-mirrors` goes.
-    #[arg(long, value_name = "FILE", default_value = "/etc/docker/daemon.json")]
-    pub daemon_json: PathBuf,
-    /// Where Docker with the containerd image store reads `hosts.toml`.
-    #[arg(long, value_name = "DIR", default_value = "/etc/docker/certs.d")]
-    pub certs_dir: PathBuf,
-    #[command(flatten)]
-    pub registries: Registries,
-    #[command(flatten)]
-    pub common: Common,
-}
-
-#[derive(Clone, Debug, clap::Args)]
-pub struct PodmanArgs {
-    /// The drop-in written for podman, buildah, skopeo and CRI-O.
-    #[arg(
-        long,
-        value_name = "FILE",
-        default_value = "/etc/containers/registries.conf.d/nixery-local.conf"
-    )]
-    pub conf: PathBuf,
-    #[command(flatten)]
-    pub common: Common,
-}
-
-#[derive(Clone, Debug, clap::Args)]
-pub struct K3sArgs {
-    /// k3s' (and RKE2's) registry configuration.
-    #[arg(
-        long,
-        value_name = "FILE",
-        default_value = "/etc/rancher/k3s/registries.yaml"
-    )]
-    pub registries_yaml: PathBuf,
-    #[command(flatten)]
-    pub registries: Registries,
-    #[command(flatten)]
-    pub common: Common,
 }
 
 #[derive(Clone, Debug, clap::Subcommand)]
@@ -261,176 +222,6 @@ fn hosts(registries: &Registries) -> Vec<String> {
         }
     }
     hosts
-}
-
-/// Where a registry really is: Docker Hub's API is not at docker.io.
-fn upstream(host: &str) -> String {
-    match host {
-        DOCKER_HUB => "https://registry-1.docker.io".to_owned(),
-        other => format!("https://{other}"),
-    }
-}
-
-/// `hosts.toml` for `host`: the daemon as a pull/resolve mirror, the real
-/// registry as `server`, which containerd falls back to when the daemon
-/// answers 404 or cannot be reached.
-pub fn hosts_toml(host: &str, mirror_url: &str) -> String {
-    let mut s = format!(
-        "{MARKER} ({host}); rerunning setup rewrites this file.\n\
-         # Delete the line above to keep your own edits: setup then leaves the file alone.\n"
-    );
-    match host {
-        NIX_REGISTRY => {
-            s.push_str("# nix.local exists only in nixery-local: no upstream to fall back to.\n")
-        }
-        // containerd's default for the server is https://<host>, which for
-        // `_default` is each image's own registry.
-        DEFAULT_HOST_DIR => s.push_str(
-            "# Every registry without a directory of its own; each falls back to itself.\n",
-        ),
-        _ => {
-            let _ = writeln!(s, "server = \"{}\"", upstream(host));
-        }
-    }
-    let _ = write!(
-        s,
-        "\n[host.\"{mirror_url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-    );
-    s
-}
-
-fn hosts_files(dir: &Path, registries: &Registries, url: &str) -> Vec<PlannedFile> {
-    hosts(registries)
-        .iter()
-        .map(|host| PlannedFile::owned(&dir.join(host).join("hosts.toml"), hosts_toml(host, url)))
-        .collect()
-}
-
-fn containerd_next(dir: &Path) -> String {
-    let dir = dir.display();
-    format!(
-        "containerd reads these files on every pull; nothing needs a restart.\n\
-         - ctr: pass --hosts-dir {dir}, e.g. ctr images pull --hosts-dir {dir} nix.local/hello:latest\n\
-         - Kubernetes (the CRI plugin): /etc/containerd/config.toml needs\n    \
-             [plugins.\"io.containerd.grpc.v1.cri\".registry]\n      config_path = \"{dir}\"\n  \
-           (containerd 2: [plugins.\"io.containerd.cri.v1.images\".registry]); if you add it: sudo systemctl restart containerd\n"
-    )
-}
-
-/// daemon.json with our URL first in `registry-mirrors` and every other key
-/// kept. The file has no room for a marker, so it is always merged into.
-fn docker_daemon_json(path: &Path, url: &str) -> Result<PlannedFile, SetupError> {
-    let existing = read_existing(path)?;
-    let mut doc = match &existing {
-        None => serde_json::Map::new(),
-        Some(bytes) => match serde_json::from_slice::<serde_json::Value>(bytes) {
-            Ok(serde_json::Value::Object(map)) => map,
-            Ok(_) => {
-                return Err(SetupError::Json {
-                    path: path.to_owned(),
-                    message: "the top level is not an object".into(),
-                })
-            }
-            Err(e) => {
-                return Err(SetupError::Json {
-                    path: path.to_owned(),
-                    message: e.to_string(),
-                })
-            }
-        },
-    };
-    let mirrors = doc
-        .entry("registry-mirrors")
-        .or_insert_with(|| serde_json::Value::Array(Vec::new()));
-    let serde_json::Value::Array(list) = mirrors else {
-        return Err(SetupError::MirrorsShape {
-            path: path.to_owned(),
-        });
-    };
-    let mut present = false;
-    for entry in list.iter() {
-        let Some(s) = entry.as_str() else {
-            return Err(SetupError::MirrorsShape {
-                path: path.to_owned(),
-            });
-        };
-        present |= s.trim_end_matches('/') == url;
-    }
-    if present {
-        // Unchanged, byte for byte, however it was formatted.
-        if let Some(bytes) = existing {
-            return Ok(PlannedFile::merged(path, bytes));
-        }
-    }
-    list.insert(0, serde_json::Value::String(url.to_owned()));
-    let mut text = serde_json::to_string_pretty(&serde_json::Value::Object(doc)).map_err(|e| {
-        SetupError::Json {
-            path: path.to_owned(),
-            message: e.to_string(),
-        }
-    })?;
-    text.push('\n');
-    Ok(PlannedFile::merged(path, text.into_bytes()))
-}
-
-fn docker_next(listen: SocketAddr) -> String {
-    let addr = client_address(listen);
-    format!(
-        "Restart Docker to load daemon.json: sudo systemctl restart docker\n\
-         registry-mirrors covers docker.io only; pull Nix images by address: docker pull {addr}/{NIX_NAMESPACE}/hello\n"
-    )
-}
-
-/// A registries.conf (v2) drop-in. Podman sends no `ns`, so only the
-/// registry the daemon serves by default can be mirrored, plus Nix images
-/// under their namespace.
-pub fn podman_conf(listen: SocketAddr, default_registry: &RegistryHost) -> String {
-    let addr = client_address(listen);
-    format!(
-        "{MARKER} (podman); rerunning setup rewrites this file.\n\
-         # Delete the line above to keep your own edits: setup then leaves the file alone.\n\
-         \n\
-         [[registry]]\n\
-         prefix = \"{default_registry}\"\n\
-         location = \"{default_registry}\"\n\
-         \n\
-         [[registry.mirror]]\n\
-         location = \"{addr}\"\n\
-         insecure = true\n\
-         \n\
-         [[registry]]\n\
-         prefix = \"{NIX_REGISTRY}\"\n\
-         location = \"{addr}/{NIX_NAMESPACE}\"\n\
-         insecure = true\n"
-    )
-}
-
-fn podman_next(listen: SocketAddr) -> String {
-    let addr = client_address(listen);
-    format!(
-        "podman reads registries.conf.d on every command; nothing needs a restart (CRI-O: sudo systemctl reload crio).\n\
-         Nix images: podman pull {NIX_REGISTRY}/hello (or {addr}/{NIX_NAMESPACE}/hello)\n"
-    )
-}
-
-/// registries.yaml: the daemon as the first endpoint of each registry; k3s
-/// keeps the registry itself as the fallback.
-pub fn k3s_registries_yaml(hosts: &[String], mirror_url: &str) -> String {
-    let mut s = format!(
-        "{MARKER} (k3s); rerunning setup rewrites this file.\n\
-         # Delete the line above to keep your own edits: setup then leaves the file alone.\n\
-         mirrors:\n"
-    );
-    for host in hosts {
-        // k3s spells containerd's `_default` as "*".
-        let key = if host == DEFAULT_HOST_DIR { "*" } else { host };
-        let _ = write!(s, "  \"{key}\":\n    endpoint:\n      - \"{mirror_url}\"\n");
-    }
-    s
-}
-
-fn k3s_next() -> String {
-    "Restart k3s to load registries.yaml: sudo systemctl restart k3s (agents: k3s-agent; RKE2: rke2-server or rke2-agent, which read /etc/rancher/rke2/registries.yaml)\n".to_owned()
 }
 
 // ---------------------------------------------------------------------------
@@ -632,7 +423,7 @@ fn write_atomically(path: &Path, content: &[u8]) -> Result<(), SetupError> {
 mod tests {
     use super::*;
 
-    fn listen() -> SocketAddr {
+    pub(super) fn listen() -> SocketAddr {
         "127.0.0.1:7733".parse().expect("addr")
     }
 
@@ -646,29 +437,6 @@ mod tests {
         assert_eq!(
             mirror_url("[::]:9000".parse().expect("addr")),
             "http://[::1]:9000"
-        );
-    }
-
-    #[test]
-    fn hosts_toml_keeps_the_upstream_as_fallback() {
-        let url = mirror_url(listen());
-        let docker = hosts_toml("docker.io", &url);
-        assert!(docker.starts_with(MARKER));
-        assert!(docker.contains("\nserver = \"https://registry-1.docker.io\"\n"));
-        assert!(docker.contains(
-            "\n[host.\"http://127.0.0.1:7733\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
-        ));
-        assert!(hosts_toml("ghcr.io", &url).contains("\nserver = \"https://ghcr.io\"\n"));
-        for host in [NIX_REGISTRY, DEFAULT_HOST_DIR] {
-            let s = hosts_toml(host, &url);
-            assert!(!s.contains("server ="), "{s}");
-            let parsed: toml::Value = toml::from_str(&s).expect("valid TOML");
-            assert!(parsed["host"]["http://127.0.0.1:7733"].is_table());
-        }
-        let parsed: toml::Value = toml::from_str(&docker).expect("valid TOML");
-        assert_eq!(
-            parsed["host"]["http://127.0.0.1:7733"]["capabilities"],
-            toml::Value::Array(vec!["pull".into(), "resolve".into()])
         );
     }
 
@@ -756,42 +524,6 @@ mod tests {
         // A changed plan replaces our own file without asking.
         let plan2 = [PlannedFile::owned(&ours, format!("{MARKER}\nx = 3\n"))];
         assert!(apply(&plan2, false, false, &mut Vec::new()).expect("replace ours"));
-    }
-
-    #[test]
-    fn daemon_json_is_merged() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let path = dir.path().join("daemon.json");
-        let url = "http://127.0.0.1:7733";
-        let fresh = docker_daemon_json(&path, url).expect("plan");
-        let v: serde_json::Value = serde_json::from_slice(&fresh.content).expect("json");
-        assert_eq!(v, serde_json::json!({"registry-mirrors": [url]}));
-
-        std::fs::write(
-            &path,
-            r#"{"log-driver": "journald", "registry-mirrors": ["https://m.example"]}"#,
-        )
-        .expect("write");
-        let merged = docker_daemon_json(&path, url).expect("plan");
-        let v: serde_json::Value = serde_json::from_slice(&merged.content).expect("json");
-        assert_eq!(
-            v,
-            serde_json::json!({"log-driver": "journald", "registry-mirrors": [url, "https://m.example"]})
-        );
-        std::fs::write(&path, &merged.content).expect("write");
-        let again = docker_daemon_json(&path, url).expect("plan");
-        assert_eq!(again.content, merged.content);
-
-        std::fs::write(&path, "[1]").expect("write");
-        assert!(matches!(
-            docker_daemon_json(&path, url),
-            Err(SetupError::Json { .. })
-        ));
-        std::fs::write(&path, r#"{"registry-mirrors": "x"}"#).expect("write");
-        assert!(matches!(
-            docker_daemon_json(&path, url),
-            Err(SetupError::MirrorsShape { .. })
-        ));
     }
 
     #[test]
