@@ -46,14 +46,13 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-pub use self::content::content_type;
+pub(crate) use self::content::content_type;
 use self::content::replace_all;
 use self::extract::tree_size;
 use self::request::components;
-pub use self::request::FileRequest;
-pub use self::resolve::MAX_SYMLINK_HOPS;
+pub(crate) use self::request::FileRequest;
 use self::resolve::{join, list, resolve, Resolved};
-pub use self::space::ImageGuard;
+pub(crate) use self::space::ImageGuard;
 use self::space::{Entry, Inner, LayerState};
 use crate::oci::digest::Digest;
 use crate::oci::reference::{NameError, RegistryHost};
@@ -71,28 +70,28 @@ const MAX_REPLACE_SIZE: u64 = 16 << 20;
 pub struct BlobserveRepo {
     /// A directory in the image that every request path is relative to.
     #[serde(default)]
-    pub workdir: Option<String>,
+    pub(crate) workdir: Option<String>,
     /// Search-and-replace modifiers on named files (paths relative to the
     /// working directory).
     #[serde(default)]
-    pub replace: Vec<Replacement>,
+    pub(crate) replace: Vec<Replacement>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct Replacement {
-    pub file: String,
-    pub from: String,
-    pub to: String,
+pub(crate) struct Replacement {
+    pub(crate) file: String,
+    pub(crate) from: String,
+    pub(crate) to: String,
 }
 
 #[derive(Clone, Debug, Default)]
-pub struct BlobserveSettings {
+pub(crate) struct BlobserveSettings {
     /// Keyed by repository (`nix/hello`) or host and repository
     /// (`docker.io/library/nginx`).
-    pub repos: BTreeMap<String, BlobserveRepo>,
+    pub(crate) repos: BTreeMap<String, BlobserveRepo>,
     /// Most bytes the extracted layers may take.
-    pub max_bytes: u64,
+    pub(crate) max_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,44 +123,44 @@ pub enum BlobserveError {
 }
 
 /// A regular file to stream, with what the response needs.
-pub struct FileHit {
-    pub file: Arc<BlobFile>,
-    pub size: u64,
-    pub modified: Option<SystemTime>,
+pub(crate) struct FileHit {
+    pub(crate) file: Arc<BlobFile>,
+    pub(crate) size: u64,
+    pub(crate) modified: Option<SystemTime>,
     /// The layer the file comes from.
-    pub layer: Digest,
+    pub(crate) layer: Digest,
     /// The file's path in the image (after symlinks), with a leading `/`.
-    pub path: String,
+    pub(crate) path: String,
     /// Set when a replacement rewrote the file: the whole new content.
-    pub replaced: Option<Bytes>,
+    pub(crate) replaced: Option<Bytes>,
     /// Keeps the layers from eviction while the response streams.
-    pub guard: ImageGuard,
+    pub(crate) guard: ImageGuard,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
-pub struct DirEntry {
-    pub name: String,
+pub(crate) struct DirEntry {
+    pub(crate) name: String,
     #[serde(rename = "type")]
-    pub kind: &'static str,
-    pub size: u64,
+    pub(crate) kind: &'static str,
+    pub(crate) size: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub target: Option<String>,
+    pub(crate) target: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub modified: Option<u64>,
+    pub(crate) modified: Option<u64>,
 }
 
-pub struct Listing {
+pub(crate) struct Listing {
     /// The directory's path in the image, with a leading `/`.
-    pub path: String,
-    pub entries: Vec<DirEntry>,
+    pub(crate) path: String,
+    pub(crate) entries: Vec<DirEntry>,
 }
 
-pub enum Found {
+pub(crate) enum Found {
     File(Box<FileHit>),
     Dir(Listing),
 }
 
-pub struct Blobserve {
+pub(crate) struct Blobserve {
     registry: Arc<Registry>,
     inner: Arc<Inner>,
     repos: BTreeMap<String, BlobserveRepo>,
@@ -179,7 +178,7 @@ impl std::fmt::Debug for Blobserve {
 impl Blobserve {
     /// Opens the extracted space at `root` (creating it), dropping leftovers
     /// of interrupted extractions and taking stock of what is there.
-    pub fn new(
+    pub(crate) fn new(
         registry: Arc<Registry>,
         root: PathBuf,
         settings: BlobserveSettings,
@@ -240,13 +239,8 @@ impl Blobserve {
         })
     }
 
-    /// Bytes the extracted layers take now.
-    pub fn extracted_bytes(&self) -> u64 {
-        self.inner.state.lock().map(|s| s.total).unwrap_or(0)
-    }
-
     /// The file or directory `req.path` names in the image.
-    pub async fn lookup(
+    pub(crate) async fn lookup(
         &self,
         host: RegistryHost,
         req: &FileRequest,

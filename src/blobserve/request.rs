@@ -7,19 +7,19 @@ use crate::oci::reference::{NameError, Reference, RepoName};
 /// `<repository>(:<tag>|@<digest>)/<path>` split into its parts. Repository
 /// components never contain `:` or `@`, tags and digests never `/`.
 #[derive(Debug, PartialEq, Eq)]
-pub struct FileRequest {
-    pub repo: RepoName,
-    pub reference: Reference,
+pub(crate) struct FileRequest {
+    pub(crate) repo: RepoName,
+    pub(crate) reference: Reference,
     /// The raw reference text, for building links.
-    pub reference_text: String,
+    pub(crate) reference_text: String,
     /// The path inside the image, without the leading `/` (may be empty).
-    pub path: String,
+    pub(crate) path: String,
 }
 
 impl FileRequest {
     /// Parses the part of a request path after `/files/` (already
     /// percent-decoded).
-    pub fn parse(rest: &str) -> Result<FileRequest, BlobserveError> {
+    pub(crate) fn parse(rest: &str) -> Result<FileRequest, BlobserveError> {
         let split = rest.find([':', '@']).ok_or_else(|| {
             BlobserveError::BadRequest(
                 "name the image as <repository>:<tag> or <repository>@<digest>".into(),

@@ -15,7 +15,7 @@ use crate::blobserve::{BlobserveError, DirEntry};
 use crate::util::fs::io_err;
 
 /// Symlinks followed in one lookup before giving up (as Linux's ELOOP).
-pub const MAX_SYMLINK_HOPS: usize = 40;
+pub(crate) const MAX_SYMLINK_HOPS: usize = 40;
 
 const WHITEOUT: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";

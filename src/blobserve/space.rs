@@ -18,7 +18,7 @@ use crate::oci::reference::{RegistryHost, RepoName};
 use crate::util::singleflight::SingleFlight;
 
 /// Holds every layer of an image in use; dropping it lets them be evicted.
-pub struct ImageGuard {
+pub(crate) struct ImageGuard {
     pub(super) _layers: Vec<LayerGuard>,
 }
 

@@ -17,17 +17,17 @@ use crate::sources::nix::{NixSettings, SourceSetting};
 
 /// Loopback only by default: the daemon serves whatever its cache holds to
 /// anyone who can connect.
-pub const DEFAULT_LISTEN: SocketAddr =
+pub(crate) const DEFAULT_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7733);
-pub const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 10;
-pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+pub(crate) const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 10;
+pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// zstd measured fastest end to end (build + `ctr pull` + unpack) on a
 /// cached image and close to uncompressed on a cold one, at a fraction of
 /// the disk (BENCHMARKS.md). Docker before 23 cannot unpack zstd: such
 /// users set gzip.
-pub const DEFAULT_LAYER_COMPRESSION: &str = "zstd";
+pub(crate) const DEFAULT_LAYER_COMPRESSION: &str = "zstd";
 /// Nixery's 94 + 1, well below overlayfs' and containerd's limits.
-pub const DEFAULT_LAYER_BUDGET: usize = 95;
+pub(crate) const DEFAULT_LAYER_BUDGET: usize = 95;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -480,22 +480,22 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub state_dir: PathBuf,
     pub default_registry: RegistryHost,
-    pub header_timeout: Duration,
-    pub max_connections: usize,
+    pub(crate) header_timeout: Duration,
+    pub(crate) max_connections: usize,
     pub nix: NixSettings,
     pub upstream: UpstreamSettings,
-    pub tag_ttl: Duration,
+    pub(crate) tag_ttl: Duration,
     /// `None`: decided from the filesystem at startup.
-    pub max_cache_bytes: Option<u64>,
+    pub(crate) max_cache_bytes: Option<u64>,
     /// blobserve (issue #6): the extracted space's cap (`None`: from the
     /// filesystem at startup) and per-repository settings.
-    pub blobserve_max_bytes: Option<u64>,
-    pub blobserve_repos: std::collections::BTreeMap<String, crate::blobserve::BlobserveRepo>,
+    pub(crate) blobserve_max_bytes: Option<u64>,
+    pub(crate) blobserve_repos: std::collections::BTreeMap<String, crate::blobserve::BlobserveRepo>,
 }
 
 /// Parses a size: plain bytes, or a number with a unit (`kB`, `MB`, `GB`,
 /// `TB` in powers of 1000; `KiB`, `MiB`, `GiB`, `TiB` in powers of 1024).
-pub fn parse_size(s: &str) -> Option<u64> {
+pub(crate) fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -521,7 +521,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
 /// systemd tells a service its directories (`StateDirectory=`,
 /// `CacheDirectory=`; several are colon-separated, the first is ours);
 /// otherwise the XDG cache directory.
-pub fn default_state_dir() -> Result<PathBuf, ConfigError> {
+pub(crate) fn default_state_dir() -> Result<PathBuf, ConfigError> {
     for var in ["STATE_DIRECTORY", "CACHE_DIRECTORY"] {
         if let Some(v) = std::env::var_os(var) {
             if let Some(first) = v.to_string_lossy().split(':').find(|s| !s.is_empty()) {

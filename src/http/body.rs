@@ -18,7 +18,7 @@ use crate::sources::mirror::Download;
 use crate::store::BlobFile;
 use crate::telemetry::metrics::{self, METRICS};
 
-pub type Body = UnsyncBoxBody<Bytes, io::Error>;
+pub(crate) type Body = UnsyncBoxBody<Bytes, io::Error>;
 
 /// Streams `[start, end)` of a blob still arriving from upstream: each chunk
 /// waits until its bytes have arrived. If the download fails (wrong digest,

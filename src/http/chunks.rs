@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-pub struct ChunkPool {
+pub(crate) struct ChunkPool {
     large_size: usize,
     small_size: usize,
     max_large: usize,
@@ -27,7 +27,7 @@ struct PoolState {
 }
 
 impl ChunkPool {
-    pub fn new(large_size: usize, max_large: usize, small_size: usize) -> Arc<ChunkPool> {
+    pub(crate) fn new(large_size: usize, max_large: usize, small_size: usize) -> Arc<ChunkPool> {
         Arc::new(ChunkPool {
             large_size,
             small_size,
@@ -37,7 +37,7 @@ impl ChunkPool {
     }
 
     /// A buffer to fill: a pooled large one if any is left, else a small one.
-    pub fn take(self: &Arc<Self>) -> Chunk {
+    pub(crate) fn take(self: &Arc<Self>) -> Chunk {
         let large = self.state.lock().ok().and_then(|mut st| {
             if let Some(buf) = st.free.pop() {
                 Some(buf)
@@ -78,7 +78,7 @@ impl ChunkPool {
 }
 
 /// A buffer; the first `len` bytes are the content.
-pub struct Chunk {
+pub(crate) struct Chunk {
     buf: Vec<u8>,
     len: usize,
     /// Set for pooled (large) buffers, which go back on drop.
@@ -87,17 +87,17 @@ pub struct Chunk {
 
 impl Chunk {
     /// The whole buffer, to be filled; then call [`Chunk::set_len`].
-    pub fn buffer(&mut self) -> &mut [u8] {
+    pub(crate) fn buffer(&mut self) -> &mut [u8] {
         &mut self.buf
     }
 
-    pub fn set_len(&mut self, len: usize) {
+    pub(crate) fn set_len(&mut self, len: usize) {
         self.len = len.min(self.buf.len());
     }
 
     /// Hands the chunk to hyper without copying; a pooled buffer returns to
     /// the pool when hyper has written it and drops the `Bytes`.
-    pub fn freeze(self) -> Bytes {
+    pub(crate) fn freeze(self) -> Bytes {
         Bytes::from_owner(self)
     }
 }

@@ -20,14 +20,14 @@ const READ_ONLY_METHODS: HeaderValue = HeaderValue::from_static("GET, HEAD");
 const INTERNAL: &str = "internal error; see the daemon's log";
 
 #[derive(Debug)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     status: StatusCode,
     code: ErrorCode,
     message: String,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             code,
@@ -35,7 +35,7 @@ impl ApiError {
         }
     }
 
-    pub fn unsupported_route() -> ApiError {
+    pub(crate) fn unsupported_route() -> ApiError {
         ApiError::new(
             StatusCode::NOT_FOUND,
             ErrorCode::Unsupported,
@@ -44,7 +44,7 @@ impl ApiError {
     }
 
     /// Writes, push or delete on a read-only cache.
-    pub fn method_not_allowed(message: impl Into<String>) -> ApiError {
+    pub(crate) fn method_not_allowed(message: impl Into<String>) -> ApiError {
         ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::Unsupported,
@@ -52,7 +52,7 @@ impl ApiError {
         )
     }
 
-    pub fn message(&self) -> &str {
+    pub(crate) fn message(&self) -> &str {
         &self.message
     }
 
@@ -98,7 +98,7 @@ impl ApiError {
     }
 
     /// The error as a response.
-    pub fn into_response(self) -> Response<Body> {
+    pub(crate) fn into_response(self) -> Response<Body> {
         let body = serde_json::json!({
             "errors": [{ "code": self.code.as_str(), "message": self.message }]
         });

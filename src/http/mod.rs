@@ -7,11 +7,11 @@
 //! error envelope ([`ApiError`]).
 
 mod body;
-pub mod chunks;
+pub(crate) mod chunks;
 mod error;
 mod files;
 mod range;
-pub mod status_page;
+pub(crate) mod status_page;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -29,10 +29,10 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-pub use self::body::Body;
+pub(crate) use self::body::Body;
 use self::body::{blob_stream, download_stream, empty, full, insert_str, json_response};
 use self::chunks::ChunkPool;
-pub use self::error::ApiError;
+pub(crate) use self::error::ApiError;
 use self::range::Span;
 use crate::blobserve::Blobserve;
 use crate::oci::accept::Accept;
@@ -63,20 +63,20 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
 
 #[derive(Clone, Debug)]
-pub struct ServerOptions {
+pub(crate) struct ServerOptions {
     /// A client must send a complete request head within this time.
-    pub header_timeout: Duration,
+    pub(crate) header_timeout: Duration,
     /// Connections beyond this wait in the listen backlog.
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
     /// The cache's size limit, shown on the status page.
-    pub cache_limit: Option<u64>,
+    pub(crate) cache_limit: Option<u64>,
     /// blobserve (issue #6): serves `/files/…` when set.
-    pub blobserve: Option<Arc<Blobserve>>,
+    pub(crate) blobserve: Option<Arc<Blobserve>>,
 }
 
 /// Serves `registry` on `listener` until `shutdown` completes, then lets
 /// in-flight requests finish (up to [`DRAIN_TIMEOUT`]).
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     options: ServerOptions,

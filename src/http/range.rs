@@ -12,15 +12,15 @@ use crate::oci::error_code::ErrorCode;
 /// The bytes `[start, end)` of a body of `size` bytes that a response sends.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Span {
-    pub status: StatusCode,
-    pub start: u64,
-    pub end: u64,
-    pub size: u64,
+    pub(crate) status: StatusCode,
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    pub(crate) size: u64,
 }
 
 impl Span {
     /// The whole body.
-    pub fn whole(size: u64) -> Span {
+    pub(crate) fn whole(size: u64) -> Span {
         Span {
             status: StatusCode::OK,
             start: 0,
@@ -32,7 +32,7 @@ impl Span {
     /// Which part of a body of `size` bytes the request's `Range` asks for,
     /// or the 416 response when no part can be served. `what` names the
     /// body in the error ("blob", "file").
-    pub fn of_request(
+    pub(crate) fn of_request(
         headers: &HeaderMap,
         size: u64,
         what: &str,
@@ -62,12 +62,12 @@ impl Span {
         }
     }
 
-    pub fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         self.end - self.start
     }
 
     /// Sets `Content-Range` on a partial answer.
-    pub fn describe(&self, headers: &mut HeaderMap) {
+    pub(crate) fn describe(&self, headers: &mut HeaderMap) {
         if self.status == StatusCode::PARTIAL_CONTENT {
             insert_str(
                 headers,

@@ -52,7 +52,12 @@ fn ago(now: u64, then: u64) -> String {
 }
 
 /// The page. `addr` is what clients should use to reach the daemon.
-pub fn render(addr: &str, images: &[CachedImage], cache_bytes: u64, limit: Option<u64>) -> String {
+pub(crate) fn render(
+    addr: &str,
+    images: &[CachedImage],
+    cache_bytes: u64,
+    limit: Option<u64>,
+) -> String {
     let now = now_secs();
     let mut h = String::new();
     let _ = write!(

@@ -2,7 +2,7 @@
 
 /// The media types a client said it can read (its `Accept` header).
 #[derive(Clone, Debug, Default)]
-pub struct Accept {
+pub(crate) struct Accept {
     /// Bare `type/subtype` values, parameters stripped. Empty: anything.
     types: Vec<String>,
 }
@@ -10,7 +10,7 @@ pub struct Accept {
 impl Accept {
     /// Parses the values of every `Accept` header of a request. Values that
     /// are not UTF-8 are ignored: they cannot name a manifest type.
-    pub fn from_header_values<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Accept {
+    pub(crate) fn from_header_values<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Accept {
         let mut types = Vec::new();
         for value in values {
             let Ok(value) = std::str::from_utf8(value) else {
@@ -26,7 +26,7 @@ impl Accept {
         Accept { types }
     }
 
-    pub fn accepts(&self, media_type: &str) -> bool {
+    pub(crate) fn accepts(&self, media_type: &str) -> bool {
         if self.types.is_empty() {
             return true;
         }

@@ -17,13 +17,13 @@ pub struct Digest {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
-pub enum Algorithm {
+pub(crate) enum Algorithm {
     Sha256,
     Sha512,
 }
 
 impl Algorithm {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Algorithm::Sha256 => "sha256",
             Algorithm::Sha512 => "sha512",
@@ -49,7 +49,7 @@ pub enum DigestError {
 }
 
 impl Digest {
-    pub fn algorithm(&self) -> Algorithm {
+    pub(crate) fn algorithm(&self) -> Algorithm {
         self.algorithm
     }
 
@@ -59,16 +59,11 @@ impl Digest {
     }
 
     /// The sha256 digest of `bytes`.
-    pub fn sha256_of(bytes: &[u8]) -> Digest {
+    pub(crate) fn sha256_of(bytes: &[u8]) -> Digest {
         Digest {
             algorithm: Algorithm::Sha256,
             hex: hex::encode(Sha256::digest(bytes)),
         }
-    }
-
-    /// A hasher for this digest's algorithm, for verifying a stream against it.
-    pub fn hasher(&self) -> Hasher {
-        Hasher::new(self.algorithm)
     }
 }
 
@@ -129,34 +124,34 @@ impl<'de> serde::Deserialize<'de> for Digest {
 }
 
 /// Incremental hashing for any supported algorithm.
-pub enum Hasher {
+pub(crate) enum Hasher {
     Sha256(Sha256),
     Sha512(Sha512),
 }
 
 impl Hasher {
-    pub fn new(algorithm: Algorithm) -> Hasher {
+    pub(crate) fn new(algorithm: Algorithm) -> Hasher {
         match algorithm {
             Algorithm::Sha256 => Hasher::Sha256(Sha256::new()),
             Algorithm::Sha512 => Hasher::Sha512(Sha512::new()),
         }
     }
 
-    pub fn algorithm(&self) -> Algorithm {
+    pub(crate) fn algorithm(&self) -> Algorithm {
         match self {
             Hasher::Sha256(_) => Algorithm::Sha256,
             Hasher::Sha512(_) => Algorithm::Sha512,
         }
     }
 
-    pub fn update(&mut self, bytes: &[u8]) {
+    pub(crate) fn update(&mut self, bytes: &[u8]) {
         match self {
             Hasher::Sha256(h) => h.update(bytes),
             Hasher::Sha512(h) => h.update(bytes),
         }
     }
 
-    pub fn finish(self) -> Digest {
+    pub(crate) fn finish(self) -> Digest {
         match self {
             Hasher::Sha256(h) => Digest {
                 algorithm: Algorithm::Sha256,

@@ -5,7 +5,7 @@
 
 /// One code of `{"errors":[{"code": …}]}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorCode {
+pub(crate) enum ErrorCode {
     BlobUnknown,
     DigestInvalid,
     ManifestUnknown,
@@ -18,7 +18,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BlobUnknown => "BLOB_UNKNOWN",
             ErrorCode::DigestInvalid => "DIGEST_INVALID",

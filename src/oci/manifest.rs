@@ -7,15 +7,16 @@ use serde::Deserialize;
 
 use crate::oci::digest::Digest;
 
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub(crate) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(crate) const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub(crate) const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub(crate) const DOCKER_MANIFEST_LIST: &str =
+    "application/vnd.docker.distribution.manifest.list.v2+json";
 const DOCKER_SCHEMA1: &str = "application/vnd.docker.distribution.manifest.v1+json";
 const DOCKER_SCHEMA1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
 
 /// The annotation an OCI layout's `index.json` names images with.
-pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
+pub(crate) const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -30,32 +31,32 @@ pub enum ManifestError {
 }
 
 #[derive(Clone, Debug, Deserialize)]
-pub struct Descriptor {
+pub(crate) struct Descriptor {
     #[serde(rename = "mediaType")]
-    pub media_type: String,
-    pub digest: Digest,
-    pub size: u64,
+    pub(crate) media_type: String,
+    pub(crate) digest: Digest,
+    pub(crate) size: u64,
     #[serde(default)]
-    pub annotations: std::collections::BTreeMap<String, String>,
+    pub(crate) annotations: std::collections::BTreeMap<String, String>,
     #[serde(default)]
-    pub urls: Vec<String>,
+    pub(crate) urls: Vec<String>,
     /// Set on the entries of an index.
     #[serde(default)]
-    pub platform: Option<Platform>,
+    pub(crate) platform: Option<Platform>,
 }
 
 /// The `platform` of an index entry.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
-pub struct Platform {
-    pub architecture: String,
-    pub os: String,
+pub(crate) struct Platform {
+    pub(crate) architecture: String,
+    pub(crate) os: String,
 }
 
-pub fn is_index(media_type: &str) -> bool {
+pub(crate) fn is_index(media_type: &str) -> bool {
     media_type == OCI_INDEX || media_type == DOCKER_MANIFEST_LIST
 }
 
-pub fn is_image_manifest(media_type: &str) -> bool {
+pub(crate) fn is_image_manifest(media_type: &str) -> bool {
     media_type == OCI_MANIFEST || media_type == DOCKER_MANIFEST
 }
 
@@ -74,7 +75,7 @@ struct Envelope {
 
 /// What a manifest points at.
 #[derive(Debug)]
-pub enum Children {
+pub(crate) enum Children {
     /// An index: the per-platform manifests.
     Manifests(Vec<Descriptor>),
     /// An image manifest: its config, then its layers.
@@ -84,7 +85,7 @@ pub enum Children {
 /// Parses `bytes` as a manifest of `media_type` (from the descriptor that
 /// pointed at it) and returns what it references. The body's own
 /// `mediaType`, when present, must agree with the descriptor's.
-pub fn children(media_type: &str, bytes: &[u8]) -> Result<Children, ManifestError> {
+pub(crate) fn children(media_type: &str, bytes: &[u8]) -> Result<Children, ManifestError> {
     if media_type == DOCKER_SCHEMA1 || media_type == DOCKER_SCHEMA1_SIGNED {
         return Err(ManifestError::Schema1);
     }
@@ -112,7 +113,7 @@ pub fn children(media_type: &str, bytes: &[u8]) -> Result<Children, ManifestErro
 }
 
 /// The layers of the image manifest `bytes`, bottom first.
-pub fn layers(media_type: &str, bytes: &[u8]) -> Result<Vec<Descriptor>, ManifestError> {
+pub(crate) fn layers(media_type: &str, bytes: &[u8]) -> Result<Vec<Descriptor>, ManifestError> {
     if !is_image_manifest(media_type) {
         return Err(ManifestError::UnsupportedMediaType(media_type.to_owned()));
     }

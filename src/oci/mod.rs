@@ -2,9 +2,9 @@
 //! and references, media types and manifest structure. Everything above
 //! speaks in these types; nothing here does I/O.
 
-pub mod accept;
-pub mod digest;
-pub mod error_code;
-pub mod manifest;
-pub mod platform;
+pub(crate) mod accept;
+pub(crate) mod digest;
+pub(crate) mod error_code;
+pub(crate) mod manifest;
+pub(crate) mod platform;
 pub mod reference;

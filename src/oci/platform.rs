@@ -5,7 +5,7 @@
 use crate::oci::manifest::Descriptor;
 
 /// The OCI name of this machine's architecture.
-pub fn host_architecture() -> &'static str {
+pub(crate) fn host_architecture() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
@@ -19,7 +19,7 @@ pub fn host_architecture() -> &'static str {
 
 /// The entries of an index that are for this machine (linux, its
 /// architecture), in index order; all of them when none says its platform.
-pub fn for_this_host(manifests: &[Descriptor]) -> Vec<&Descriptor> {
+pub(crate) fn for_this_host(manifests: &[Descriptor]) -> Vec<&Descriptor> {
     let arch = host_architecture();
     let ours: Vec<&Descriptor> = manifests
         .iter()

@@ -11,7 +11,7 @@ use std::str::FromStr;
 use crate::oci::digest::{Digest, DigestError};
 
 /// The spec's limit on a repository name (many clients limit host + name to 255).
-pub const MAX_NAME_LEN: usize = 255;
+pub(crate) const MAX_NAME_LEN: usize = 255;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum NameError {
@@ -32,7 +32,7 @@ pub enum NameError {
 pub struct RegistryHost(String);
 
 impl RegistryHost {
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -94,7 +94,7 @@ impl RepoName {
         &self.0
     }
 
-    pub fn components(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn components(&self) -> impl Iterator<Item = &str> {
         self.0.split('/')
     }
 }
@@ -156,7 +156,7 @@ impl fmt::Debug for RepoName {
 pub struct Tag(String);
 
 impl Tag {
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
@@ -194,7 +194,7 @@ impl fmt::Debug for Tag {
 
 /// What follows `/manifests/`: a tag or a digest.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum Reference {
+pub(crate) enum Reference {
     Tag(Tag),
     Digest(Digest),
 }
@@ -226,12 +226,12 @@ impl fmt::Display for Reference {
 /// way Docker does (`alpine` → `docker.io/library/alpine:latest`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImageRef {
-    pub host: RegistryHost,
-    pub repo: RepoName,
-    pub tag: Tag,
+    pub(crate) host: RegistryHost,
+    pub(crate) repo: RepoName,
+    pub(crate) tag: Tag,
 }
 
-pub const DOCKER_HUB: &str = "docker.io";
+pub(crate) const DOCKER_HUB: &str = "docker.io";
 
 impl FromStr for ImageRef {
     type Err = NameError;

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// systemd passes activated sockets from this descriptor on.
-pub const LISTEN_FDS_START: RawFd = 3;
+pub(crate) const LISTEN_FDS_START: RawFd = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SystemdError {
@@ -200,7 +200,10 @@ impl Notifier {
     }
 
     /// A notifier sending to `path` (`/run/…` or `@abstract`).
-    pub fn connect(path: &str, watchdog: Option<Duration>) -> Result<Notifier, SystemdError> {
+    pub(crate) fn connect(
+        path: &str,
+        watchdog: Option<Duration>,
+    ) -> Result<Notifier, SystemdError> {
         let addr = notify_address(path)?;
         let socket = UnixDatagram::unbound().map_err(SystemdError::NotifySocket)?;
         Ok(Notifier {
@@ -209,7 +212,8 @@ impl Notifier {
         })
     }
 
-    pub fn is_enabled(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_enabled(&self) -> bool {
         self.inner.is_some()
     }
 
@@ -224,19 +228,20 @@ impl Notifier {
     }
 
     /// One line of status for `systemctl status`.
-    pub fn status(&self, status: &str) -> Result<(), SystemdError> {
+    #[cfg(test)]
+    pub(crate) fn status(&self, status: &str) -> Result<(), SystemdError> {
         // A newline would start another assignment.
         self.send(&format!("STATUS={}", status.replace('\n', " ")))
     }
 
     /// Tells the watchdog the service is alive.
-    pub fn watchdog_ping(&self) -> Result<(), SystemdError> {
+    pub(crate) fn watchdog_ping(&self) -> Result<(), SystemdError> {
         self.send("WATCHDOG=1")
     }
 
     /// The watchdog timeout (`WatchdogSec=`), if systemd enabled one for
     /// this process; pings must come more often than this.
-    pub fn watchdog_interval(&self) -> Option<Duration> {
+    pub(crate) fn watchdog_interval(&self) -> Option<Duration> {
         self.inner.as_ref().and(self.watchdog)
     }
 

@@ -42,31 +42,31 @@ pub enum RegistryError {
 
 /// Manifest bytes exactly as stored, with what the client needs to trust them.
 #[derive(Clone, Debug)]
-pub struct Manifest {
-    pub bytes: Bytes,
-    pub media_type: String,
-    pub digest: Digest,
+pub(crate) struct Manifest {
+    pub(crate) bytes: Bytes,
+    pub(crate) media_type: String,
+    pub(crate) digest: Digest,
 }
 
 /// A blob ready to stream: from the cache, or arriving from upstream.
-pub struct Blob {
-    pub source: BlobSource,
-    pub digest: Digest,
+pub(crate) struct Blob {
+    pub(crate) source: BlobSource,
+    pub(crate) digest: Digest,
     /// `None` only for a download whose upstream did not say.
-    pub size: Option<u64>,
+    pub(crate) size: Option<u64>,
 }
 
-pub enum BlobSource {
+pub(crate) enum BlobSource {
     Stored(Arc<BlobFile>),
     Downloading(Arc<Download>),
 }
 
 /// One page of a repository's tags.
 #[derive(Debug)]
-pub struct TagPage {
-    pub tags: Vec<String>,
+pub(crate) struct TagPage {
+    pub(crate) tags: Vec<String>,
     /// Set when more tags follow: the last tag of this page.
-    pub next_after: Option<String>,
+    pub(crate) next_after: Option<String>,
 }
 
 pub struct Registry {
@@ -78,7 +78,7 @@ pub struct Registry {
 
 impl Registry {
     /// Serves the cache in `store`, filling misses from `sources`.
-    pub fn new(store: Arc<Store>, default_host: RegistryHost, sources: Sources) -> Registry {
+    pub(crate) fn new(store: Arc<Store>, default_host: RegistryHost, sources: Sources) -> Registry {
         Registry {
             store,
             default_host,
@@ -88,13 +88,13 @@ impl Registry {
     }
 
     /// Records when manifests are served, for least-recently-used eviction.
-    pub fn with_usage(mut self, usage: Arc<Usage>) -> Registry {
+    pub(crate) fn with_usage(mut self, usage: Arc<Usage>) -> Registry {
         self.usage = usage;
         self
     }
 
     /// The host requests without containerd's `ns` parameter are scoped to.
-    pub fn default_host(&self) -> &RegistryHost {
+    pub(crate) fn default_host(&self) -> &RegistryHost {
         &self.default_host
     }
 
@@ -115,7 +115,7 @@ impl Registry {
     /// bytes it cannot read. By digest, the bytes are fixed by the digest, so
     /// they are served whatever the `Accept`, but only if this repository holds
     /// that manifest.
-    pub async fn manifest(
+    pub(crate) async fn manifest(
         &self,
         host: RegistryHost,
         repo: RepoName,
@@ -169,7 +169,7 @@ impl Registry {
     /// A blob by digest. Blobs are content-addressed and shared by every
     /// repository of the cache, so any repository name reaches them; a miss
     /// is fetched from `repo` on `host`'s upstream.
-    pub async fn blob(
+    pub(crate) async fn blob(
         &self,
         host: RegistryHost,
         repo: RepoName,
@@ -204,19 +204,19 @@ impl Registry {
     }
 
     /// Every cached image, least recently used first (the status page).
-    pub async fn cached_images(&self) -> Result<Vec<CachedImage>, RegistryError> {
+    pub(crate) async fn cached_images(&self) -> Result<Vec<CachedImage>, RegistryError> {
         let usage = self.usage.snapshot();
         self.blocking(move |store| Ok(crate::store::gc::images(store, &usage)?))
             .await
     }
 
     /// Bytes of blobs in the cache, for `/metrics`.
-    pub async fn cache_bytes(&self) -> Result<u64, RegistryError> {
+    pub(crate) async fn cache_bytes(&self) -> Result<u64, RegistryError> {
         self.blocking(|store| Ok(store.blob_bytes()?)).await
     }
 
     /// The repository's tags in lexical order, `n` at most, after `last`.
-    pub async fn tags(
+    pub(crate) async fn tags(
         &self,
         host: RegistryHost,
         repo: RepoName,

@@ -6,7 +6,7 @@ use std::fmt;
 
 /// What went wrong, in the terms a registry client can act on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorKind {
+pub(crate) enum ErrorKind {
     /// The source has no such image or blob (a missing package, an upstream
     /// 404, a system this host cannot build for).
     NotFound,
@@ -29,14 +29,14 @@ pub struct SourceError {
 }
 
 impl SourceError {
-    pub fn new(kind: ErrorKind, message: impl Into<String>) -> SourceError {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> SourceError {
         SourceError {
             kind,
             message: message.into(),
         }
     }
 
-    pub fn kind(&self) -> ErrorKind {
+    pub(crate) fn kind(&self) -> ErrorKind {
         self.kind
     }
 }

@@ -11,14 +11,14 @@
 //!
 //! The HTTP edge knows a source's failures only by [`ErrorKind`].
 
-pub mod error;
+pub(crate) mod error;
 pub mod layout;
 pub mod mirror;
 pub mod nix;
 
 use std::sync::Arc;
 
-pub use self::error::{ErrorKind, SourceError};
+pub(crate) use self::error::{ErrorKind, SourceError};
 use self::mirror::{Download, Mirror};
 use self::nix::NixImages;
 use crate::oci::accept::Accept;
@@ -28,13 +28,13 @@ use crate::telemetry::metrics::{self, METRICS};
 
 /// The sources a daemon has; either may be absent (tests, offline use).
 #[derive(Clone, Default)]
-pub struct Sources {
+pub(crate) struct Sources {
     nix: Option<Arc<NixImages>>,
     mirror: Option<Arc<Mirror>>,
 }
 
 /// The one source that answers a repository.
-pub enum Source<'a> {
+pub(crate) enum Source<'a> {
     /// A Nix image: `packages` is the repository path that names it.
     Nix {
         images: &'a Arc<NixImages>,
@@ -47,25 +47,25 @@ pub enum Source<'a> {
 }
 
 impl Sources {
-    pub fn new() -> Sources {
+    pub(crate) fn new() -> Sources {
         Sources::default()
     }
 
     /// Serves Nix images (built on demand) for the repositories `nix` routes.
-    pub fn with_nix(mut self, nix: Arc<NixImages>) -> Sources {
+    pub(crate) fn with_nix(mut self, nix: Arc<NixImages>) -> Sources {
         self.nix = Some(nix);
         self
     }
 
     /// Fills misses of every other repository from upstream registries.
-    pub fn with_mirror(mut self, mirror: Arc<Mirror>) -> Sources {
+    pub(crate) fn with_mirror(mut self, mirror: Arc<Mirror>) -> Sources {
         self.mirror = Some(mirror);
         self
     }
 
     /// The source of `repo` on `host`: Nix if it names a Nix image, else the
     /// mirror, else the cache alone.
-    pub fn route<'a>(&'a self, host: &RegistryHost, repo: &'a RepoName) -> Source<'a> {
+    pub(crate) fn route<'a>(&'a self, host: &RegistryHost, repo: &'a RepoName) -> Source<'a> {
         if let Some(images) = &self.nix {
             if let Some(packages) = images.route(host, repo) {
                 return Source::Nix { images, packages };
@@ -82,7 +82,7 @@ impl Source<'_> {
     /// Brings the store's record of `tag` up to date: builds the Nix image,
     /// or revalidates the tag with its upstream when due. `Ok` means the
     /// store now holds the answer (or knows it has none).
-    pub async fn resolve_tag(
+    pub(crate) async fn resolve_tag(
         &self,
         host: &RegistryHost,
         repo: &RepoName,
@@ -101,7 +101,7 @@ impl Source<'_> {
 
     /// Brings the manifest `digest` into the store, linked to `repo`, if this
     /// source can supply it. Nix images publish every manifest when built.
-    pub async fn fetch_manifest(
+    pub(crate) async fn fetch_manifest(
         &self,
         host: &RegistryHost,
         repo: &RepoName,
@@ -115,7 +115,7 @@ impl Source<'_> {
 
     /// A blob the store lacks, arriving from this source; `None` when this
     /// source has no blobs of its own to offer.
-    pub async fn fetch_blob(
+    pub(crate) async fn fetch_blob(
         &self,
         host: &RegistryHost,
         repo: &RepoName,

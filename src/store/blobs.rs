@@ -19,12 +19,12 @@ impl Store {
         blob_path_in(&self.root, digest)
     }
 
-    pub fn has_blob(&self, digest: &Digest) -> bool {
+    pub(crate) fn has_blob(&self, digest: &Digest) -> bool {
         self.blob_path(digest).is_file()
     }
 
     /// Opens a blob for reading, or `None` when the cache does not hold it.
-    pub fn open_blob(&self, digest: &Digest) -> Result<Option<BlobFile>, StoreError> {
+    pub(crate) fn open_blob(&self, digest: &Digest) -> Result<Option<BlobFile>, StoreError> {
         let path = self.blob_path(digest);
         match File::open(&path) {
             Ok(file) => {
@@ -37,7 +37,7 @@ impl Store {
     }
 
     /// Reads a whole manifest blob (bounded by [`MAX_MANIFEST_SIZE`]).
-    pub fn read_manifest(&self, digest: &Digest) -> Result<Option<Bytes>, StoreError> {
+    pub(crate) fn read_manifest(&self, digest: &Digest) -> Result<Option<Bytes>, StoreError> {
         let Some(blob) = self.open_blob(digest)? else {
             return Ok(None);
         };
@@ -57,12 +57,12 @@ impl Store {
     }
 
     /// Removes a blob. Readers that have it open keep reading their copy.
-    pub fn remove_blob(&self, digest: &Digest) -> Result<(), StoreError> {
+    pub(crate) fn remove_blob(&self, digest: &Digest) -> Result<(), StoreError> {
         remove_if_present(&self.blob_path(digest))
     }
 
     /// Every blob with its size and modification time (seconds since the epoch).
-    pub fn all_blobs(&self) -> Result<Vec<(Digest, u64, u64)>, StoreError> {
+    pub(crate) fn all_blobs(&self) -> Result<Vec<(Digest, u64, u64)>, StoreError> {
         let mut out = Vec::new();
         let blobs = self.root.join("blobs");
         let algs = match fs::read_dir(&blobs) {
@@ -98,12 +98,12 @@ impl Store {
     }
 
     /// The total size of all blobs.
-    pub fn blob_bytes(&self) -> Result<u64, StoreError> {
+    pub(crate) fn blob_bytes(&self) -> Result<u64, StoreError> {
         Ok(self.all_blobs()?.iter().map(|(_, size, _)| size).sum())
     }
 
     /// A new temp file for writing a blob whose digest is checked on commit.
-    pub fn blob_writer(
+    pub(crate) fn blob_writer(
         &self,
         algorithm: crate::oci::digest::Algorithm,
     ) -> Result<BlobWriter, StoreError> {
@@ -118,7 +118,7 @@ impl Store {
     }
 
     /// Stores `bytes` as a blob after checking they hash to `expected`.
-    pub fn put_blob_bytes(&self, expected: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
+    pub(crate) fn put_blob_bytes(&self, expected: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
         let mut w = self.blob_writer(expected.algorithm())?;
         w.write_all(bytes)?;
         w.finish(expected, bytes.len() as u64)?.commit()
@@ -133,7 +133,7 @@ fn blob_path_in(root: &Path, digest: &Digest) -> PathBuf {
 
 /// Fills `buf` from `offset` of `file` and returns how many bytes were read:
 /// fewer than `buf.len()` only at the end of the file.
-pub fn read_full_at(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn read_full_at(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
         match file.read_at(&mut buf[filled..], offset + filled as u64) {
@@ -147,7 +147,7 @@ pub fn read_full_at(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<usiz
 }
 
 /// An open blob; reads are positioned so one file serves concurrent ranges.
-pub struct BlobFile {
+pub(crate) struct BlobFile {
     file: File,
     len: u64,
 }
@@ -155,27 +155,23 @@ pub struct BlobFile {
 impl BlobFile {
     /// Wraps an open file of `len` bytes (blobserve serves extracted files
     /// through the same streaming path as blobs).
-    pub fn from_file(file: File, len: u64) -> BlobFile {
+    pub(crate) fn from_file(file: File, len: u64) -> BlobFile {
         BlobFile { file, len }
     }
 
-    pub fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// Fills `buf` from `offset` (blocking) and returns how many bytes were
     /// read: fewer than `buf.len()` only at the end of the blob.
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+    pub(crate) fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         read_full_at(&self.file, offset, buf)
     }
 }
 
 /// A blob being written to a temp file, hashed as it goes.
-pub struct BlobWriter {
+pub(crate) struct BlobWriter {
     /// The store's root, where the blob goes on commit.
     root: PathBuf,
     path: PathBuf,
@@ -186,19 +182,11 @@ pub struct BlobWriter {
 
 impl BlobWriter {
     /// The temp file being written, for readers that follow the writer.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn write_all(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+    pub(crate) fn write_all(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
         self.hasher.update(bytes);
         self.len += bytes.len() as u64;
         self.file
@@ -236,7 +224,7 @@ impl BlobWriter {
     /// Checks digest and size without waiting for the disk: what is verified
     /// can be shown to readers at once; [`StagedBlob::sync_and_commit`] then
     /// makes it durable.
-    pub fn verify(
+    pub(crate) fn verify(
         mut self,
         expected: &Digest,
         expected_len: u64,
@@ -246,7 +234,7 @@ impl BlobWriter {
 
     /// Checks digest and size, fsyncs, and returns the blob ready to commit.
     /// On a mismatch the temp file is removed.
-    pub fn finish(
+    pub(crate) fn finish(
         mut self,
         expected: &Digest,
         expected_len: u64,
@@ -263,7 +251,7 @@ impl BlobWriter {
     /// For bytes the daemon produced itself (built layers, configs): the
     /// digest is whatever was written, so there is nothing to check it
     /// against. Returns the digest, the size and the blob ready to commit.
-    pub fn finish_computed(mut self) -> Result<(Digest, u64, StagedBlob), StoreError> {
+    pub(crate) fn finish_computed(mut self) -> Result<(Digest, u64, StagedBlob), StoreError> {
         let algorithm = self.hasher.algorithm();
         let digest = std::mem::replace(&mut self.hasher, Hasher::new(algorithm)).finish();
         // From here the StagedBlob owns the temp file (and removes it on error).
@@ -302,21 +290,21 @@ impl Drop for BlobWriter {
 }
 
 /// A verified, fsynced blob waiting in `tmp/`; dropped uncommitted, it is removed.
-pub struct StagedBlob {
+pub(crate) struct StagedBlob {
     from: PathBuf,
     to: PathBuf,
 }
 
 impl StagedBlob {
     /// Fsyncs the verified bytes, then commits them.
-    pub fn sync_and_commit(self) -> Result<(), StoreError> {
+    pub(crate) fn sync_and_commit(self) -> Result<(), StoreError> {
         File::open(&self.from)
             .and_then(|f| f.sync_all())
             .map_err(io_err("fsync", &self.from))?;
         self.commit()
     }
 
-    pub fn commit(self) -> Result<(), StoreError> {
+    pub(crate) fn commit(self) -> Result<(), StoreError> {
         // `from` no longer exists on success; on failure Drop removes it.
         rename_durably(&self.from, &self.to)
     }

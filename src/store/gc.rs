@@ -40,7 +40,7 @@ impl Usage {
         })
     }
 
-    pub fn touch(&self, digest: &Digest) {
+    pub(crate) fn touch(&self, digest: &Digest) {
         if let Ok(mut last) = self.last.lock() {
             last.insert(digest.clone(), now_secs());
             self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -52,7 +52,7 @@ impl Usage {
     }
 
     /// Saves the access times if they changed since the last save.
-    pub fn save(&self, store: &Store) -> Result<(), StoreError> {
+    pub(crate) fn save(&self, store: &Store) -> Result<(), StoreError> {
         if self.dirty.swap(false, std::sync::atomic::Ordering::Relaxed) {
             if let Err(e) = store.save_usage(&self.snapshot()) {
                 self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -90,7 +90,7 @@ pub struct CachedImage {
     pub id: ImageId,
     pub manifests: Vec<ManifestVariant>,
     /// Every blob the image reaches that the cache holds, manifests included.
-    pub blobs: BTreeSet<Digest>,
+    pub(crate) blobs: BTreeSet<Digest>,
     pub size: u64,
     /// Seconds since the epoch.
     pub last_used: u64,
@@ -292,7 +292,7 @@ pub fn collect(
 }
 
 /// The default size limit: a quarter of the filesystem holding the cache.
-pub fn default_max_bytes(state_dir: &std::path::Path) -> Option<u64> {
+pub(crate) fn default_max_bytes(state_dir: &std::path::Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(state_dir.as_os_str().as_bytes()).ok()?;
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };

@@ -9,13 +9,13 @@ use crate::oci::digest::Digest;
 use crate::oci::reference::{RegistryHost, RepoName, Tag};
 
 /// A manifest to link to a repository: its digest and media type.
-pub type Link<'a> = (&'a Digest, &'a str);
+pub(crate) type Link<'a> = (&'a Digest, &'a str);
 
 impl Store {
     /// Links `manifests` (whose bytes are committed) to `repo` on `host`,
     /// then points `tag` at `record`. Links and tags that already say the
     /// same are not rewritten.
-    pub fn publish<'a>(
+    pub(crate) fn publish<'a>(
         &self,
         host: &RegistryHost,
         repo: &RepoName,
@@ -36,7 +36,7 @@ impl Store {
     }
 
     /// Stores a verified manifest's bytes and links it to `repo` on `host`.
-    pub fn put_manifest(
+    pub(crate) fn put_manifest(
         &self,
         host: &RegistryHost,
         repo: &RepoName,

@@ -29,7 +29,7 @@
 
 mod blobs;
 pub mod gc;
-pub mod ingest;
+pub(crate) mod ingest;
 mod records;
 mod repos;
 
@@ -42,12 +42,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::oci::digest::Digest;
 use crate::util::fs::{io_err, IoError};
 
-pub use blobs::{read_full_at, BlobFile, BlobWriter, StagedBlob};
-pub use records::{NixImageRecord, RecordKind};
-pub use repos::{ManifestVariant, TagEntry, TagRecord};
+pub(crate) use blobs::{read_full_at, BlobFile, StagedBlob};
+pub(crate) use records::{NixImageRecord, RecordKind};
+pub(crate) use repos::{ManifestVariant, TagRecord};
 
 /// Manifests larger than this are refused (containerd refuses over ~4 MB too).
-pub const MAX_MANIFEST_SIZE: u64 = 4 << 20;
+pub(crate) const MAX_MANIFEST_SIZE: u64 = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -82,7 +82,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the store at `root` and removes temp files
     /// left behind by writers that no longer run.
-    pub fn open(root: &Path) -> Result<Store, StoreError> {
+    pub(crate) fn open(root: &Path) -> Result<Store, StoreError> {
         for dir in ["blobs", "repos", "records", "gcroots", "tmp"] {
             let p = root.join(dir);
             fs::create_dir_all(&p).map_err(io_err("create", &p))?;
@@ -95,7 +95,7 @@ impl Store {
         Ok(store)
     }
 
-    pub fn root(&self) -> &Path {
+    pub(crate) fn root(&self) -> &Path {
         &self.root
     }
 
@@ -129,7 +129,7 @@ impl Store {
 
     /// When each manifest was last served (seconds since the epoch), as saved
     /// by [`Store::save_usage`].
-    pub fn load_usage(&self) -> Result<HashMap<Digest, u64>, StoreError> {
+    pub(crate) fn load_usage(&self) -> Result<HashMap<Digest, u64>, StoreError> {
         let path = self.root.join("usage.json");
         match fs::read(&path) {
             // A damaged file only loses access times; start afresh.
@@ -139,7 +139,7 @@ impl Store {
         }
     }
 
-    pub fn save_usage(&self, usage: &HashMap<Digest, u64>) -> Result<(), StoreError> {
+    pub(crate) fn save_usage(&self, usage: &HashMap<Digest, u64>) -> Result<(), StoreError> {
         let path = self.root.join("usage.json");
         let json = serde_json::to_vec(usage).map_err(|source| StoreError::CorruptRecord {
             path: path.clone(),
@@ -149,7 +149,7 @@ impl Store {
     }
 
     /// Where Nix GC roots for cached Nix images live.
-    pub fn gcroots_dir(&self) -> PathBuf {
+    pub(crate) fn gcroots_dir(&self) -> PathBuf {
         self.root.join("gcroots")
     }
 

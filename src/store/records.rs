@@ -14,7 +14,7 @@ use crate::util::fs::io_err;
 
 /// Kinds of small records the store keeps besides blobs and tags.
 #[derive(Clone, Copy, Debug)]
-pub enum RecordKind {
+pub(crate) enum RecordKind {
     /// A built layer, keyed by the hash of its store paths and settings.
     Layer,
     /// A built Nix image, keyed by the hash of its request.
@@ -33,16 +33,16 @@ impl RecordKind {
 /// What the cache remembers of a built image.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct NixImageRecord {
-    pub name: String,
+    pub(crate) name: String,
     /// Seconds since the epoch.
-    pub built_at: u64,
+    pub(crate) built_at: u64,
     /// Commit-pinned sources never go stale.
-    pub pinned: bool,
+    pub(crate) pinned: bool,
     /// OCI first, then Docker schema 2.
     pub manifests: Vec<ManifestVariant>,
     /// Layer blob digests, bottom first.
-    pub layers: Vec<Digest>,
-    pub gc_roots: Vec<PathBuf>,
+    pub(crate) layers: Vec<Digest>,
+    pub(crate) gc_roots: Vec<PathBuf>,
 }
 
 impl Store {
@@ -52,7 +52,7 @@ impl Store {
 
     /// A small JSON record, or `None` when there is none (or it is unreadable
     /// as `T`, which callers treat as a miss and overwrite).
-    pub fn record<T: serde::de::DeserializeOwned>(
+    pub(crate) fn record<T: serde::de::DeserializeOwned>(
         &self,
         kind: RecordKind,
         key: &Digest,
@@ -66,7 +66,7 @@ impl Store {
     }
 
     /// Every readable record of `kind` with its key (unreadable ones are skipped).
-    pub fn records<T: serde::de::DeserializeOwned>(
+    pub(crate) fn records<T: serde::de::DeserializeOwned>(
         &self,
         kind: RecordKind,
     ) -> Result<Vec<(Digest, T)>, StoreError> {
@@ -92,7 +92,7 @@ impl Store {
         Ok(out)
     }
 
-    pub fn put_record<T: Serialize>(
+    pub(crate) fn put_record<T: Serialize>(
         &self,
         kind: RecordKind,
         key: &Digest,
@@ -106,7 +106,7 @@ impl Store {
         self.write_atomic(&path, &json)
     }
 
-    pub fn remove_record(&self, kind: RecordKind, key: &Digest) -> Result<(), StoreError> {
+    pub(crate) fn remove_record(&self, kind: RecordKind, key: &Digest) -> Result<(), StoreError> {
         remove_if_present(&self.record_path(kind, key))
     }
 }

@@ -15,13 +15,13 @@ use crate::util::fs::io_err;
 
 /// A tag found by [`Store::all_tags`].
 #[derive(Clone, Debug)]
-pub struct TagEntry {
-    pub host: RegistryHost,
-    pub repo: RepoName,
-    pub tag: Tag,
-    pub record: TagRecord,
+pub(crate) struct TagEntry {
+    pub(crate) host: RegistryHost,
+    pub(crate) repo: RepoName,
+    pub(crate) tag: Tag,
+    pub(crate) record: TagRecord,
     /// When the tag was last written, seconds since the epoch.
-    pub modified: u64,
+    pub(crate) modified: u64,
 }
 
 /// One manifest a tag can resolve to. A tag may carry several variants of the
@@ -29,15 +29,15 @@ pub struct TagEntry {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ManifestVariant {
     #[serde(rename = "mediaType")]
-    pub media_type: String,
+    pub(crate) media_type: String,
     pub digest: Digest,
-    pub size: u64,
+    pub(crate) size: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TagRecord {
+pub(crate) struct TagRecord {
     /// In order of preference: the first is served when the client does not say.
-    pub manifests: Vec<ManifestVariant>,
+    pub(crate) manifests: Vec<ManifestVariant>,
 }
 
 impl Store {
@@ -60,7 +60,7 @@ impl Store {
 
     /// Every tag in the cache: host, repository, tag, its record and when the
     /// record was written.
-    pub fn all_tags(&self) -> Result<Vec<TagEntry>, StoreError> {
+    pub(crate) fn all_tags(&self) -> Result<Vec<TagEntry>, StoreError> {
         let mut out = Vec::new();
         let repos = self.root.join("repos");
         let hosts = match fs::read_dir(&repos) {
@@ -136,7 +136,7 @@ impl Store {
         Ok(())
     }
 
-    pub fn remove_tag(
+    pub(crate) fn remove_tag(
         &self,
         host: &RegistryHost,
         repo: &RepoName,
@@ -145,7 +145,7 @@ impl Store {
         remove_if_present(&self.tag_path(host, repo, tag))
     }
 
-    pub fn unlink_manifest(
+    pub(crate) fn unlink_manifest(
         &self,
         host: &RegistryHost,
         repo: &RepoName,
@@ -156,7 +156,7 @@ impl Store {
 
     /// Records that `repo` on `host` holds the manifest `digest`. The blob
     /// must already be committed.
-    pub fn link_manifest(
+    pub(crate) fn link_manifest(
         &self,
         host: &RegistryHost,
         repo: &RepoName,
@@ -170,7 +170,7 @@ impl Store {
     }
 
     /// The media type of a manifest the repository holds, or `None`.
-    pub fn linked_manifest(
+    pub(crate) fn linked_manifest(
         &self,
         host: &RegistryHost,
         repo: &RepoName,
@@ -184,7 +184,7 @@ impl Store {
         }
     }
 
-    pub fn set_tag(
+    pub(crate) fn set_tag(
         &self,
         host: &RegistryHost,
         repo: &RepoName,
@@ -199,7 +199,7 @@ impl Store {
         self.write_atomic(&path, &json)
     }
 
-    pub fn tag(
+    pub(crate) fn tag(
         &self,
         host: &RegistryHost,
         repo: &RepoName,
@@ -217,7 +217,7 @@ impl Store {
     }
 
     /// The repository's tags, sorted, or `None` when it holds no manifests.
-    pub fn tags(
+    pub(crate) fn tags(
         &self,
         host: &RegistryHost,
         repo: &RepoName,

@@ -11,27 +11,27 @@ use crate::util::time::now_secs;
 const RECENT: usize = 50;
 
 #[derive(Clone, Debug)]
-pub struct Event {
+pub(crate) struct Event {
     /// Seconds since the epoch.
-    pub at: u64,
-    pub kind: &'static str,
-    pub name: String,
-    pub duration: Duration,
+    pub(crate) at: u64,
+    pub(crate) kind: &'static str,
+    pub(crate) name: String,
+    pub(crate) duration: Duration,
     /// `None` when it went well.
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
 /// The most recent pulls and builds, newest first.
-pub struct Events {
+pub(crate) struct Events {
     recent: Mutex<VecDeque<Event>>,
 }
 
-pub static EVENTS: Events = Events {
+pub(crate) static EVENTS: Events = Events {
     recent: Mutex::new(VecDeque::new()),
 };
 
 impl Events {
-    pub fn record(
+    pub(crate) fn record(
         &self,
         kind: &'static str,
         name: String,
@@ -51,7 +51,7 @@ impl Events {
         }
     }
 
-    pub fn snapshot(&self) -> Vec<Event> {
+    pub(crate) fn snapshot(&self) -> Vec<Event> {
         self.recent
             .lock()
             .map(|r| r.iter().cloned().collect())

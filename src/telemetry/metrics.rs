@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// A histogram with fixed buckets (upper bounds in seconds).
-pub struct Histogram {
+pub(crate) struct Histogram {
     bounds: &'static [f64],
     counts: [AtomicU64; 12],
     sum_micros: AtomicU64,
@@ -29,7 +29,7 @@ impl Histogram {
         }
     }
 
-    pub fn observe(&self, d: Duration) {
+    pub(crate) fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
         for (i, b) in self.bounds.iter().enumerate() {
             if secs <= *b {
@@ -57,20 +57,20 @@ impl Histogram {
     }
 }
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, &'static str, u16), u64>>,
-    pub blob_hits: AtomicU64,
-    pub blob_misses: AtomicU64,
-    pub manifest_fetches: AtomicU64,
-    pub bytes_served: AtomicU64,
-    pub bytes_fetched: AtomicU64,
-    pub upstream_errors: AtomicU64,
-    pub upstream_latency: Histogram,
-    pub nix_builds: AtomicU64,
-    pub nix_build_failures: AtomicU64,
-    pub nix_build_duration: Histogram,
-    pub evictions: AtomicU64,
-    pub evicted_bytes: AtomicU64,
+    pub(crate) blob_hits: AtomicU64,
+    pub(crate) blob_misses: AtomicU64,
+    pub(crate) manifest_fetches: AtomicU64,
+    pub(crate) bytes_served: AtomicU64,
+    pub(crate) bytes_fetched: AtomicU64,
+    pub(crate) upstream_errors: AtomicU64,
+    pub(crate) upstream_latency: Histogram,
+    pub(crate) nix_builds: AtomicU64,
+    pub(crate) nix_build_failures: AtomicU64,
+    pub(crate) nix_build_duration: Histogram,
+    pub(crate) evictions: AtomicU64,
+    pub(crate) evicted_bytes: AtomicU64,
 }
 
 const LATENCY_BOUNDS: &[f64] = &[
@@ -80,9 +80,9 @@ const BUILD_BOUNDS: &[f64] = &[
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ];
 
-pub static METRICS: Metrics = Metrics::new();
+pub(crate) static METRICS: Metrics = Metrics::new();
 
-pub fn add(counter: &AtomicU64, n: u64) {
+pub(crate) fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
 
@@ -105,14 +105,14 @@ impl Metrics {
         }
     }
 
-    pub fn request(&self, route: &'static str, method: &'static str, status: u16) {
+    pub(crate) fn request(&self, route: &'static str, method: &'static str, status: u16) {
         if let Ok(mut r) = self.requests.lock() {
             *r.entry((route, method, status)).or_default() += 1;
         }
     }
 
     /// The text exposition; `cache_bytes` is measured by the caller.
-    pub fn render(&self, cache_bytes: u64) -> String {
+    pub(crate) fn render(&self, cache_bytes: u64) -> String {
         let mut out = String::new();
         let _ = writeln!(
             out,

@@ -18,13 +18,17 @@ pub struct IoError {
 
 impl IoError {
     /// The OS error underneath.
-    pub fn kind(&self) -> io::ErrorKind {
+    #[cfg(test)]
+    pub(crate) fn kind(&self) -> io::ErrorKind {
         self.source.kind()
     }
 }
 
 /// For `map_err`: wraps an `io::Error` of `op` on `path`.
-pub fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> IoError + 'a {
+pub(crate) fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(io::Error) -> IoError + 'a {
     move |source| IoError {
         op,
         path: path.to_owned(),

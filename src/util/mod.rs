@@ -1,6 +1,6 @@
 //! Small leaves any layer may use: clocks and dates, file-system errors
 //! with context.
 
-pub mod fs;
-pub mod singleflight;
+pub(crate) mod fs;
+pub(crate) mod singleflight;
 pub mod time;

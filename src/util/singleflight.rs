@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 type Flights<K, V> = Arc<Mutex<HashMap<K, watch::Receiver<Option<V>>>>>;
 
-pub struct SingleFlight<K, V> {
+pub(crate) struct SingleFlight<K, V> {
     flights: Flights<K, V>,
 }
 
@@ -50,13 +50,13 @@ where
     K: Eq + Hash + Clone + Send + 'static,
     V: Clone + Send + Sync + 'static,
 {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// The outcome of the work for `key`: the one in flight, or `work()`
     /// started now as its own task. `None` if the work panicked.
-    pub async fn run<F>(&self, key: K, work: impl FnOnce() -> F) -> Option<V>
+    pub(crate) async fn run<F>(&self, key: K, work: impl FnOnce() -> F) -> Option<V>
     where
         F: Future<Output = V> + Send + 'static,
     {

@@ -14,11 +14,11 @@ pub struct ContainerdArgs {
     /// containerd's hosts directory (the CRI plugin's `config_path`, ctr's
     /// `--hosts-dir`).
     #[arg(long, value_name = "DIR", default_value = "/etc/containerd/certs.d")]
-    pub hosts_dir: PathBuf,
+    pub(crate) hosts_dir: PathBuf,
     #[command(flatten)]
-    pub registries: Registries,
+    pub(crate) registries: Registries,
     #[command(flatten)]
-    pub common: Common,
+    pub(crate) common: Common,
 }
 
 /// Where a registry really is: Docker Hub's API is not at docker.io.
@@ -32,7 +32,7 @@ fn upstream(host: &str) -> String {
 /// `hosts.toml` for `host`: the daemon as a pull/resolve mirror, the real
 /// registry as `server`, which containerd falls back to when the daemon
 /// answers 404 or cannot be reached.
-pub fn hosts_toml(host: &str, mirror_url: &str) -> String {
+pub(crate) fn hosts_toml(host: &str, mirror_url: &str) -> String {
     let mut s = format!(
         "{MARKER} ({host}); rerunning setup rewrites this file.\n\
          # Delete the line above to keep your own edits: setup then leaves the file alone.\n"

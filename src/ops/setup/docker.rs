@@ -13,14 +13,14 @@ use super::{
 pub struct DockerArgs {
     /// Docker's daemon config, where `registry-mirrors` goes.
     #[arg(long, value_name = "FILE", default_value = "/etc/docker/daemon.json")]
-    pub daemon_json: PathBuf,
+    pub(crate) daemon_json: PathBuf,
     /// Where Docker with the containerd image store reads `hosts.toml`.
     #[arg(long, value_name = "DIR", default_value = "/etc/docker/certs.d")]
-    pub certs_dir: PathBuf,
+    pub(crate) certs_dir: PathBuf,
     #[command(flatten)]
-    pub registries: Registries,
+    pub(crate) registries: Registries,
     #[command(flatten)]
-    pub common: Common,
+    pub(crate) common: Common,
 }
 
 /// daemon.json with our URL first in `registry-mirrors` and every other key

@@ -14,16 +14,16 @@ pub struct K3sArgs {
         value_name = "FILE",
         default_value = "/etc/rancher/k3s/registries.yaml"
     )]
-    pub registries_yaml: PathBuf,
+    pub(crate) registries_yaml: PathBuf,
     #[command(flatten)]
-    pub registries: Registries,
+    pub(crate) registries: Registries,
     #[command(flatten)]
-    pub common: Common,
+    pub(crate) common: Common,
 }
 
 /// registries.yaml: the daemon as the first endpoint of each registry; k3s
 /// keeps the registry itself as the fallback.
-pub fn k3s_registries_yaml(hosts: &[String], mirror_url: &str) -> String {
+pub(crate) fn k3s_registries_yaml(hosts: &[String], mirror_url: &str) -> String {
     let mut s = format!(
         "{MARKER} (k3s); rerunning setup rewrites this file.\n\
          # Delete the line above to keep your own edits: setup then leaves the file alone.\n\

@@ -33,24 +33,25 @@ use docker::{docker_daemon_json, docker_next};
 use k3s::k3s_next;
 use podman::podman_next;
 
-pub use containerd::{hosts_toml, ContainerdArgs};
-pub use docker::DockerArgs;
-pub use k3s::{k3s_registries_yaml, K3sArgs};
-pub use podman::{podman_conf, PodmanArgs};
+pub(crate) use containerd::{hosts_toml, ContainerdArgs};
+pub(crate) use docker::DockerArgs;
+pub(crate) use k3s::{k3s_registries_yaml, K3sArgs};
+pub(crate) use podman::{podman_conf, PodmanArgs};
 
 /// First line of every file setup owns; a file without it is the user's.
-pub const MARKER: &str = "# Managed by nixery-local setup";
+pub(crate) const MARKER: &str = "# Managed by nixery-local setup";
 
 /// The registry host whose every repository is a Nix image; it exists only
 /// in the daemon, so it has no upstream.
-pub const NIX_REGISTRY: &str = "nix.local";
+pub(crate) const NIX_REGISTRY: &str = "nix.local";
 
 /// The repository namespace for Nix images on clients that cannot send
 /// containerd's `ns` (podman): `127.0.0.1:7733/nix/hello`.
-pub const NIX_NAMESPACE: &str = "nix";
+pub(crate) const NIX_NAMESPACE: &str = "nix";
 
 /// Registries mirrored when no `--registry` is given.
-pub const DEFAULT_REGISTRIES: [&str; 4] = ["docker.io", "ghcr.io", "quay.io", "registry.k8s.io"];
+pub(crate) const DEFAULT_REGISTRIES: [&str; 4] =
+    ["docker.io", "ghcr.io", "quay.io", "registry.k8s.io"];
 
 /// containerd's directory for hosts that have none of their own.
 const DEFAULT_HOST_DIR: &str = "_default";
@@ -91,23 +92,23 @@ pub struct Common {
     pub options: Options,
     /// Print what would be written and change nothing.
     #[arg(long)]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Replace files nixery-local did not write, after backing each up to
     /// FILE.bak-<timestamp>.
     #[arg(long)]
-    pub force: bool,
+    pub(crate) force: bool,
 }
 
 /// Which registries get a `hosts.toml`.
 #[derive(Clone, Debug, Default, clap::Args)]
-pub struct Registries {
+pub(crate) struct Registries {
     /// A registry to mirror (repeatable) [default: docker.io, ghcr.io,
     /// quay.io, registry.k8s.io]. nix.local is always included.
     #[arg(long = "registry", value_name = "HOST", conflicts_with = "all")]
-    pub registries: Vec<RegistryHost>,
+    pub(crate) registries: Vec<RegistryHost>,
     /// Mirror every registry: one `_default` entry instead of one per host.
     #[arg(long)]
-    pub all: bool,
+    pub(crate) all: bool,
 }
 
 #[derive(Clone, Debug, clap::Subcommand)]
@@ -188,7 +189,7 @@ pub fn run(
 
 /// `http://ADDR` of the daemon; an unspecified listen address (0.0.0.0,
 /// [::]) is reached on loopback.
-pub fn mirror_url(listen: SocketAddr) -> String {
+pub(crate) fn mirror_url(listen: SocketAddr) -> String {
     format!("http://{}", client_address(listen))
 }
 
@@ -238,7 +239,7 @@ enum Ownership {
 }
 
 #[derive(Clone, Debug)]
-pub struct PlannedFile {
+pub(crate) struct PlannedFile {
     path: PathBuf,
     content: Vec<u8>,
     ownership: Ownership,

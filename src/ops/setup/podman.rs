@@ -16,15 +16,15 @@ pub struct PodmanArgs {
         value_name = "FILE",
         default_value = "/etc/containers/registries.conf.d/nixery-local.conf"
     )]
-    pub conf: PathBuf,
+    pub(crate) conf: PathBuf,
     #[command(flatten)]
-    pub common: Common,
+    pub(crate) common: Common,
 }
 
 /// A registries.conf (v2) drop-in. Podman sends no `ns`, so only the
 /// registry the daemon serves by default can be mirrored, plus Nix images
 /// under their namespace.
-pub fn podman_conf(listen: SocketAddr, default_registry: &RegistryHost) -> String {
+pub(crate) fn podman_conf(listen: SocketAddr, default_registry: &RegistryHost) -> String {
     let addr = client_address(listen);
     format!(
         "{MARKER} (podman); rerunning setup rewrites this file.\n\

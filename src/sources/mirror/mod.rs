@@ -53,7 +53,7 @@ const MANIFEST_TYPES: [&str; 4] = [
 ];
 
 #[derive(Debug, thiserror::Error)]
-pub enum MirrorError {
+pub(crate) enum MirrorError {
     #[error("{0}")]
     Upstream(#[from] UpstreamError),
     #[error("upstream has no {0}")]
@@ -86,7 +86,7 @@ impl From<MirrorError> for SourceError {
 
 type TagKey = (RegistryHost, RepoName, Tag);
 
-pub struct Mirror {
+pub(crate) struct Mirror {
     store: Arc<Store>,
     upstreams: Upstreams,
     tag_ttl: Duration,
@@ -96,7 +96,7 @@ pub struct Mirror {
 }
 
 impl Mirror {
-    pub fn new(store: Arc<Store>, upstreams: Upstreams, tag_ttl: Duration) -> Mirror {
+    pub(crate) fn new(store: Arc<Store>, upstreams: Upstreams, tag_ttl: Duration) -> Mirror {
         Mirror {
             store,
             upstreams,
@@ -130,7 +130,7 @@ impl Mirror {
 
     /// Brings the cached record of `tag` up to date with the upstream when it
     /// is due. `Ok` means: serve whatever the cache now holds.
-    pub async fn refresh_tag(
+    pub(crate) async fn refresh_tag(
         &self,
         host: &RegistryHost,
         repo: &RepoName,
@@ -220,7 +220,7 @@ impl Mirror {
 
     /// Caches the manifest `digest` of `repo` from the upstream, unless it is
     /// already there.
-    pub async fn manifest_by_digest(
+    pub(crate) async fn manifest_by_digest(
         &self,
         host: &RegistryHost,
         repo: &RepoName,
@@ -304,7 +304,7 @@ impl Mirror {
     /// The download of `digest`: the one in flight, or a new one. Returns
     /// once the upstream has answered, so a miss is a prompt error rather
     /// than a stream that fails.
-    pub async fn blob(
+    pub(crate) async fn blob(
         self: &Arc<Self>,
         host: &RegistryHost,
         repo: &RepoName,
@@ -542,7 +542,7 @@ fn content_length(resp: &http::Response<Incoming>) -> Option<u64> {
 
 /// How far a download has got.
 #[derive(Clone, Debug)]
-pub enum Progress {
+pub(crate) enum Progress {
     Starting,
     Running {
         written: u64,
@@ -560,8 +560,8 @@ pub enum Progress {
 }
 
 /// A blob arriving from upstream, readable while it arrives.
-pub struct Download {
-    pub digest: Digest,
+pub(crate) struct Download {
+    pub(crate) digest: Digest,
     /// A read handle on the temp file: stays valid after the rename into the
     /// cache and after the file is removed on failure.
     file: Mutex<Option<Arc<File>>>,
@@ -574,7 +574,7 @@ fn failed(message: &str) -> io::Error {
 
 impl Download {
     /// The blob's size once the upstream has said (`None`: it did not).
-    pub async fn size(&self) -> io::Result<Option<u64>> {
+    pub(crate) async fn size(&self) -> io::Result<Option<u64>> {
         let mut rx = self.progress.clone();
         let state = rx
             .wait_for(|p| !matches!(p, Progress::Starting))
@@ -594,7 +594,7 @@ impl Download {
     /// back until the digest has been verified: a client that has every byte
     /// of a body takes it as complete, so a bad download must fail before
     /// that. A failed download is an error, so readers abort.
-    pub async fn available(&self, offset: u64) -> io::Result<Option<u64>> {
+    pub(crate) async fn available(&self, offset: u64) -> io::Result<Option<u64>> {
         fn sendable(written: u64, total: Option<u64>) -> u64 {
             match total {
                 Some(t) => written.min(t.saturating_sub(1)),
@@ -623,7 +623,7 @@ impl Download {
 
     /// Waits for the whole blob to be verified and committed to the cache;
     /// returns its size.
-    pub async fn finished(&self) -> io::Result<u64> {
+    pub(crate) async fn finished(&self) -> io::Result<u64> {
         let mut rx = self.progress.clone();
         let state = rx
             .wait_for(|p| matches!(p, Progress::Done { .. } | Progress::Failed(_)))
@@ -638,7 +638,7 @@ impl Download {
     }
 
     /// Reads arrived bytes (blocking); call [`Download::available`] first.
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+    pub(crate) fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         let file = self
             .file
             .lock()

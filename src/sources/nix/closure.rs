@@ -17,43 +17,39 @@ const ARGS_PER_CALL: usize = 2000;
 
 /// One store path of a closure.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StorePathInfo {
+pub(crate) struct StorePathInfo {
     /// `/nix/store/<hash>-<name>`.
-    pub path: String,
+    pub(crate) path: String,
     /// Size of the path's NAR serialisation: its content size.
-    pub nar_size: u64,
+    pub(crate) nar_size: u64,
     /// `sha256:<hex>` of the NAR, as Nix registered it.
-    pub nar_hash: String,
+    pub(crate) nar_hash: String,
     /// Other store paths this one references (self-references removed).
-    pub references: Vec<String>,
+    pub(crate) references: Vec<String>,
 }
 
 /// A runtime closure: every store path reachable from `roots`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct ClosureGraph {
+pub(crate) struct ClosureGraph {
     /// The requested outputs, deduplicated, in request order.
-    pub roots: Vec<String>,
+    pub(crate) roots: Vec<String>,
     /// Every path of the closure, by path.
-    pub paths: BTreeMap<String, StorePathInfo>,
+    pub(crate) paths: BTreeMap<String, StorePathInfo>,
 }
 
 impl ClosureGraph {
-    pub fn total_size(&self) -> u64 {
+    pub(crate) fn total_size(&self) -> u64 {
         self.paths.values().map(|p| p.nar_size).sum()
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.paths.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.paths.is_empty()
     }
 
     /// Parses `nix-store --dump-db PATHS…` output: per path, its name, NAR
     /// hash (base16), NAR size, deriver (maybe empty), reference count and
     /// references.
-    pub fn parse_dump_db(text: &str) -> Result<BTreeMap<String, StorePathInfo>, String> {
+    pub(crate) fn parse_dump_db(text: &str) -> Result<BTreeMap<String, StorePathInfo>, String> {
         let mut lines = text.lines();
         let mut out = BTreeMap::new();
         while let Some(path) = lines.next() {
@@ -104,12 +100,6 @@ impl ClosureGraph {
 }
 
 impl Nix {
-    /// The runtime closure of `roots` with sizes and references: two calls,
-    /// `nix-store --query --requisites` and `nix-store --dump-db`.
-    pub fn closure(&self, roots: &[String]) -> Result<ClosureGraph, NixError> {
-        self.closure_until(roots, Instant::now() + self.config().timeout)
-    }
-
     pub(super) fn closure_until(
         &self,
         roots: &[String],
@@ -167,7 +157,7 @@ impl Nix {
     /// --dump-db`), e.g. to learn popularity from the local store's
     /// reference graph. `roots` is empty. Costs a second or so per 10,000
     /// paths.
-    pub fn store_graph(&self) -> Result<ClosureGraph, NixError> {
+    pub(crate) fn store_graph(&self) -> Result<ClosureGraph, NixError> {
         let deadline = Instant::now() + self.config().timeout;
         self.init_store_once(deadline);
         let mut args = self.base_args();

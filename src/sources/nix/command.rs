@@ -17,20 +17,20 @@ use crate::sources::nix::error::{NixError, Step};
 
 /// How to run Nix.
 #[derive(Debug, Clone)]
-pub struct NixConfig {
+pub(crate) struct NixConfig {
     /// Directory holding `nix-instantiate` and `nix-store`; `None` searches
     /// `PATH`.
-    pub bin_dir: Option<PathBuf>,
+    pub(crate) bin_dir: Option<PathBuf>,
     /// Deadline for one whole [`Nix::build`] (evaluation, build and queries).
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// `--option NAME VALUE` pairs passed to every call (e.g.
     /// `substituters ""` offline).
-    pub options: Vec<(String, String)>,
+    pub(crate) options: Vec<(String, String)>,
     /// Packages added to every image when the package set has them, as
     /// Nixery does with `cacert` and `iana-etc`; never reported missing.
-    pub always_include: Vec<String>,
+    pub(crate) always_include: Vec<String>,
     /// How many lines of Nix's stderr errors carry.
-    pub stderr_lines: usize,
+    pub(crate) stderr_lines: usize,
 }
 
 impl Default for NixConfig {
@@ -47,16 +47,16 @@ impl Default for NixConfig {
 
 /// A handle on the host's Nix. Cheap to clone; holds no processes.
 #[derive(Debug, Clone)]
-pub struct Nix {
+pub(crate) struct Nix {
     config: NixConfig,
 }
 
 impl Nix {
-    pub fn new(config: NixConfig) -> Nix {
+    pub(crate) fn new(config: NixConfig) -> Nix {
         Nix { config }
     }
 
-    pub fn config(&self) -> &NixConfig {
+    pub(crate) fn config(&self) -> &NixConfig {
         &self.config
     }
 
@@ -70,7 +70,7 @@ impl Nix {
 
     /// `nix-store --version`, e.g. `nix-store (Nix) 2.8.0`: a cheap check
     /// that Nix runs at all.
-    pub fn version(&self) -> Result<String, NixError> {
+    pub(crate) fn version(&self) -> Result<String, NixError> {
         let deadline = Instant::now() + Duration::from_secs(30).min(self.config.timeout);
         let out = self.run(
             "nix-store",
@@ -81,18 +81,6 @@ impl Nix {
         let out = self.expect_success(out, Step::Version)?;
         Ok(String::from_utf8_lossy(&out).trim().to_owned())
     }
-    /// `nix-store --init`: creates the store's state directories and
-    /// database if missing. On a fresh single-user store, concurrent first
-    /// calls otherwise race (Nix 2.8: "creating symlink from
-    /// '/nix/var/nix/gcroots/profiles' … File exists"). Through a daemon it
-    /// is a no-op. [`Nix::build`] and [`Nix::evaluate`] run it once per
-    /// process.
-    pub fn init_store(&self) -> Result<(), NixError> {
-        let deadline = Instant::now() + Duration::from_secs(60).min(self.config.timeout);
-        let out = self.run("nix-store", vec!["--init".into()], deadline, Step::Version)?;
-        self.expect_success(out, Step::Version).map(drop)
-    }
-
     pub(super) fn init_store_once(&self, deadline: Instant) {
         static INIT: std::sync::Once = std::sync::Once::new();
         INIT.call_once(|| {

@@ -90,16 +90,4 @@ fn missing_message(missing: &[String], not_packages: &[String]) -> String {
     parts.join("; ")
 }
 
-impl NixError {
-    /// The tail of Nix's stderr, when the error has one.
-    pub fn stderr_tail(&self) -> Option<&str> {
-        match self {
-            NixError::Timeout { stderr_tail, .. }
-            | NixError::UnsupportedSystem { stderr_tail, .. }
-            | NixError::EvalFailed { stderr_tail, .. }
-            | NixError::BuildFailed { stderr_tail, .. }
-            | NixError::CommandFailed { stderr_tail, .. } => Some(stderr_tail),
-            _ => None,
-        }
-    }
-}
+impl NixError {}

@@ -27,7 +27,7 @@ use crate::sources::nix::pkgset::PkgSource;
 /// The result is JSON: `{ system; missing; notPackages; packages }`, or
 /// `{ error = "no-nixpkgs"; }` when `<nixpkgs>` was asked for and is not in
 /// the search path.
-pub const REQUEST_EXPR: &str = r#"
+pub(crate) const REQUEST_EXPR: &str = r#"
 { request }:
 let
   req = builtins.fromJSON request;
@@ -135,47 +135,47 @@ struct EvalOutput {
 
 /// One output of a resolved package.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PackageOutput {
-    pub name: String,
-    pub path: String,
+pub(crate) struct PackageOutput {
+    pub(crate) name: String,
+    pub(crate) path: String,
 }
 
 /// A requested package as Nix resolved it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct ResolvedPackage {
+pub(crate) struct ResolvedPackage {
     /// The attribute path as requested (`python3packages.requests`).
-    pub request: String,
+    pub(crate) request: String,
     /// The attribute path that matched (`python3Packages.requests`).
-    pub attr: String,
+    pub(crate) attr: String,
     /// The derivation's `name` (`python3.11-requests-2.31.0`).
-    pub name: String,
-    pub drv_path: String,
+    pub(crate) name: String,
+    pub(crate) drv_path: String,
     /// `meta.outputsToInstall` (what `nix-env` would install), else the
     /// default output.
-    pub outputs: Vec<PackageOutput>,
+    pub(crate) outputs: Vec<PackageOutput>,
     #[serde(default)]
-    pub main_program: Option<String>,
+    pub(crate) main_program: Option<String>,
     /// Added by
     /// [`NixConfig::always_include`](crate::sources::nix::command::NixConfig::always_include),
     /// not by the name.
     #[serde(default)]
-    pub optional: bool,
+    pub(crate) optional: bool,
 }
 
 /// What evaluation found for an image name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Evaluation {
+pub(crate) struct Evaluation {
     /// The Nix system the packages are built for (`x86_64-linux`).
-    pub system: String,
+    pub(crate) system: String,
     /// Requested packages first (in name order), then optional ones;
     /// duplicates (two names for one derivation) removed.
-    pub packages: Vec<ResolvedPackage>,
+    pub(crate) packages: Vec<ResolvedPackage>,
 }
 
 impl Evaluation {
     /// Every output path of every package, in package order.
-    pub fn output_paths(&self) -> Vec<String> {
+    pub(crate) fn output_paths(&self) -> Vec<String> {
         let mut seen = BTreeSet::new();
         self.packages
             .iter()
@@ -191,7 +191,12 @@ impl Nix {
     /// [`NixConfig::always_include`](crate::sources::nix::command::NixConfig::always_include))
     /// and instantiates their derivations, without building anything.
     /// Missing names are all reported at once.
-    pub fn evaluate(&self, source: &PkgSource, name: &ImageName) -> Result<Evaluation, NixError> {
+    #[cfg(test)]
+    pub(crate) fn evaluate(
+        &self,
+        source: &PkgSource,
+        name: &ImageName,
+    ) -> Result<Evaluation, NixError> {
         let deadline = Instant::now() + self.config().timeout;
         self.init_store_once(deadline);
         self.evaluate_until(source, name, deadline)

@@ -12,12 +12,13 @@ use crate::oci::digest::Digest;
 use crate::oci::manifest::{DOCKER_MANIFEST, OCI_MANIFEST};
 use crate::sources::nix::layers::{LayerInfo, CA_BUNDLE};
 
-pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub(crate) const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub(crate) const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 /// `created` of the config and of every history entry.
-pub const CREATED: &str = "1970-01-01T00:00:01Z";
+pub(crate) const CREATED: &str = "1970-01-01T00:00:01Z";
 /// The `PATH` of Nix images: the customisation layer links `/bin` etc.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const DEFAULT_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -29,15 +30,15 @@ pub enum ImageError {
 
 /// An OCI platform (`architecture`, `os`, `variant`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Platform {
-    pub architecture: String,
-    pub os: String,
-    pub variant: Option<String>,
+pub(crate) struct Platform {
+    pub(crate) architecture: String,
+    pub(crate) os: String,
+    pub(crate) variant: Option<String>,
 }
 
 impl Platform {
     /// The platform of a Nix system string (`x86_64-linux` → `linux/amd64`).
-    pub fn from_nix_system(system: &str) -> Result<Platform, ImageError> {
+    pub(crate) fn from_nix_system(system: &str) -> Result<Platform, ImageError> {
         let (arch, variant) = match system.split_once('-').map(|(a, _)| a) {
             Some("x86_64") => ("amd64", None),
             Some("aarch64") => ("arm64", Some("v8")),
@@ -63,25 +64,25 @@ impl Platform {
 
 /// One layer of an image, bottom first, with its history line.
 #[derive(Debug, Clone)]
-pub struct ImageLayer {
-    pub info: LayerInfo,
+pub(crate) struct ImageLayer {
+    pub(crate) info: LayerInfo,
     /// The history entry's `created_by` (what produced this layer).
-    pub created_by: String,
+    pub(crate) created_by: String,
 }
 
 /// What goes into an image's config.
 #[derive(Debug, Clone)]
-pub struct ImageSpec {
-    pub platform: Platform,
-    pub env: Vec<String>,
-    pub cmd: Option<Vec<String>>,
+pub(crate) struct ImageSpec {
+    pub(crate) platform: Platform,
+    pub(crate) env: Vec<String>,
+    pub(crate) cmd: Option<Vec<String>>,
     /// Bottom first; the customisation layer last.
-    pub layers: Vec<ImageLayer>,
+    pub(crate) layers: Vec<ImageLayer>,
 }
 
 /// The `Env` of a Nix image: `PATH`, and `SSL_CERT_FILE` when the image
 /// has the CA bundle.
-pub fn default_env(ca_bundle: bool) -> Vec<String> {
+pub(crate) fn default_env(ca_bundle: bool) -> Vec<String> {
     let mut env = vec![format!("PATH={DEFAULT_PATH}")];
     if ca_bundle {
         env.push(format!("SSL_CERT_FILE=/{CA_BUNDLE}"));
@@ -90,7 +91,7 @@ pub fn default_env(ca_bundle: bool) -> Vec<String> {
 }
 
 /// A short `created_by` for a store-path layer: its package names.
-pub fn describe_paths<S: AsRef<str>>(paths: &[S]) -> String {
+pub(crate) fn describe_paths<S: AsRef<str>>(paths: &[S]) -> String {
     const MAX: usize = 200;
     let mut out = String::from("nix store paths:");
     for (i, p) in paths.iter().enumerate() {
@@ -107,15 +108,15 @@ pub fn describe_paths<S: AsRef<str>>(paths: &[S]) -> String {
 
 /// The config blob and both manifests, with their digests.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageManifests {
-    pub config: Vec<u8>,
-    pub config_digest: Digest,
+pub(crate) struct ImageManifests {
+    pub(crate) config: Vec<u8>,
+    pub(crate) config_digest: Digest,
     /// `application/vnd.oci.image.manifest.v1+json`
-    pub oci: Vec<u8>,
-    pub oci_digest: Digest,
+    pub(crate) oci: Vec<u8>,
+    pub(crate) oci_digest: Digest,
     /// `application/vnd.docker.distribution.manifest.v2+json`
-    pub docker: Vec<u8>,
-    pub docker_digest: Digest,
+    pub(crate) docker: Vec<u8>,
+    pub(crate) docker_digest: Digest,
 }
 
 // --- Serialised shapes (field order is the JSON order) ---------------------
@@ -172,7 +173,7 @@ struct Descriptor<'a> {
 }
 
 /// Serialises the config and both manifests for `spec`.
-pub fn build_manifests(spec: &ImageSpec) -> Result<ImageManifests, ImageError> {
+pub(crate) fn build_manifests(spec: &ImageSpec) -> Result<ImageManifests, ImageError> {
     let config = serde_json::to_vec(&Config {
         created: CREATED,
         architecture: &spec.platform.architecture,

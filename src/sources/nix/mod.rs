@@ -14,15 +14,15 @@
 //!   own task: a client that disconnects does not cancel it.
 //! - Each image's closure is kept alive by a GC root under the state dir.
 
-pub mod closure;
-pub mod command;
-pub mod error;
-pub mod eval;
-pub mod image;
-pub mod layers;
-pub mod name;
-pub mod pkgset;
-pub mod runner;
+pub(crate) mod closure;
+pub(crate) mod command;
+pub(crate) mod error;
+pub(crate) mod eval;
+pub(crate) mod image;
+pub(crate) mod layers;
+pub(crate) mod name;
+pub(crate) mod pkgset;
+pub(crate) mod runner;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -95,7 +95,7 @@ impl From<&BuildError> for SourceError {
 
 /// Where packages come from.
 #[derive(Clone, Debug)]
-pub enum SourceSetting {
+pub(crate) enum SourceSetting {
     /// The same source whatever the tag: a path, a channel, `<nixpkgs>`, a flake.
     Fixed(PkgSource),
     /// A git repository whose ref or commit the tag picks.
@@ -114,16 +114,16 @@ impl SourceSetting {
 #[derive(Clone, Debug)]
 pub struct NixSettings {
     /// Repositories whose first component is this are Nix images.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// Every repository of these registry hosts is a Nix image.
-    pub registries: Vec<RegistryHost>,
-    pub source: SourceSetting,
-    pub layer_budget: usize,
-    pub compression: Compression,
+    pub(crate) registries: Vec<RegistryHost>,
+    pub(crate) source: SourceSetting,
+    pub(crate) layer_budget: usize,
+    pub(crate) compression: Compression,
     /// How long a floating source's image is served before re-evaluating.
-    pub ttl: Duration,
-    pub popularity: Popularity,
-    pub nix: NixConfig,
+    pub(crate) ttl: Duration,
+    pub(crate) popularity: Popularity,
+    pub(crate) nix: NixConfig,
 }
 
 /// One layer of a finished build, for `nixery-local build`'s table.
@@ -176,7 +176,7 @@ impl NixImages {
 
     /// The package part of `repo` if it names a Nix image on `host`:
     /// everything for a Nix registry host, else what follows the namespace.
-    pub fn route<'a>(&self, host: &RegistryHost, repo: &'a RepoName) -> Option<&'a str> {
+    pub(crate) fn route<'a>(&self, host: &RegistryHost, repo: &'a RepoName) -> Option<&'a str> {
         if self.settings.registries.contains(host) {
             return Some(repo.as_str());
         }
@@ -220,7 +220,7 @@ impl NixImages {
     /// Builds the image `packages` names if the cache has no fresh copy, and
     /// publishes it as `repo:tag` on `host`: the name it was asked by, so the
     /// by-digest requests that follow and tags/list find it.
-    pub async fn resolve_tag(
+    pub(crate) async fn resolve_tag(
         self: &Arc<Self>,
         host: &RegistryHost,
         repo: &RepoName,
@@ -252,7 +252,7 @@ impl NixImages {
 
     /// The manifests of the image `packages` (the repository path below the
     /// namespace) names, building it if the cache has no fresh copy.
-    pub async fn manifests(
+    pub(crate) async fn manifests(
         self: &Arc<Self>,
         packages: &str,
         tag: &Tag,

@@ -12,18 +12,18 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// At most this many path components in one image name.
-pub const MAX_COMPONENTS: usize = 32;
+pub(crate) const MAX_COMPONENTS: usize = 32;
 /// At most this many characters in one component (`python3Packages.requests`).
-pub const MAX_COMPONENT_LEN: usize = 200;
+pub(crate) const MAX_COMPONENT_LEN: usize = 200;
 /// At most this many `.`-separated segments in one attribute path.
-pub const MAX_SEGMENTS: usize = 8;
+pub(crate) const MAX_SEGMENTS: usize = 8;
 /// At most this many characters in one attribute path segment.
-pub const MAX_SEGMENT_LEN: usize = 100;
+pub(crate) const MAX_SEGMENT_LEN: usize = 100;
 
 /// What the `shell` meta-package stands for (Nixery's set).
-pub const SHELL_PACKAGES: [&str; 4] = ["bashInteractive", "coreutils", "moreutils", "nano"];
+pub(crate) const SHELL_PACKAGES: [&str; 4] = ["bashInteractive", "coreutils", "moreutils", "nano"];
 /// The Nix system the `arm64` meta-package selects.
-pub const ARM64_SYSTEM: &str = "aarch64-linux";
+pub(crate) const ARM64_SYSTEM: &str = "aarch64-linux";
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ImageNameError {
@@ -47,7 +47,7 @@ pub enum ImageNameError {
 /// One requested package: the attribute path as written (after the `_`
 /// prefix rule) and its segments.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct AttrPath(String);
+pub(crate) struct AttrPath(String);
 
 impl AttrPath {
     /// Validates one attribute path: segments `[A-Za-z0-9_][A-Za-z0-9_'-]*`
@@ -55,7 +55,7 @@ impl AttrPath {
     /// start with one; the first segment then gets nixpkgs' `_` prefix
     /// (`1password` → `_1password`). Nested segments starting with a digit
     /// stay as written; the Nix side also tries them with `_`.
-    pub fn parse(component: &str) -> Result<AttrPath, ImageNameError> {
+    pub(crate) fn parse(component: &str) -> Result<AttrPath, ImageNameError> {
         let invalid = |reason| ImageNameError::InvalidComponent {
             component: component.to_owned(),
             reason,
@@ -96,11 +96,11 @@ impl AttrPath {
         Ok(AttrPath(path))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 
-    pub fn segments(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn segments(&self) -> impl Iterator<Item = &str> {
         self.0.split('.')
     }
 }
@@ -114,7 +114,7 @@ impl fmt::Display for AttrPath {
 /// A parsed Nix image name. Two names that differ only in component order
 /// or repetition are equal, and so are their [`ImageName::canonical`] keys.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct ImageName {
+pub(crate) struct ImageName {
     /// Sorted, deduplicated, `shell` already expanded.
     packages: Vec<AttrPath>,
     /// `Some("aarch64-linux")` for `arm64`; `None` builds for the host.
@@ -127,14 +127,14 @@ impl ImageName {
     /// Parses the repository path below the Nix namespace, e.g.
     /// `shell/git/htop`. The meta-packages `shell` and `arm64` are
     /// recognised in any position, since order carries no meaning.
-    pub fn parse(repo_path: &str) -> Result<ImageName, ImageNameError> {
+    pub(crate) fn parse(repo_path: &str) -> Result<ImageName, ImageNameError> {
         if repo_path.is_empty() {
             return Err(ImageNameError::Empty);
         }
         Self::from_components(repo_path.split('/'))
     }
 
-    pub fn from_components<'a>(
+    pub(crate) fn from_components<'a>(
         components: impl IntoIterator<Item = &'a str>,
     ) -> Result<ImageName, ImageNameError> {
         let mut packages = BTreeSet::new();
@@ -174,27 +174,23 @@ impl ImageName {
         })
     }
 
-    pub fn packages(&self) -> &[AttrPath] {
+    pub(crate) fn packages(&self) -> &[AttrPath] {
         &self.packages
     }
 
     /// The Nix system to build for; `None` means the host's.
-    pub fn system(&self) -> Option<&str> {
+    pub(crate) fn system(&self) -> Option<&str> {
         self.system.as_deref()
     }
 
-    pub fn shell(&self) -> bool {
-        self.shell
-    }
-
     /// The image config's `Cmd`: `bash` for `shell` images, else none.
-    pub fn cmd(&self) -> Option<Vec<String>> {
+    pub(crate) fn cmd(&self) -> Option<Vec<String>> {
         self.shell.then(|| vec!["bash".to_owned()])
     }
 
     /// A stable key for caches: flags, then the sorted expanded packages,
     /// joined by `/` (`arm64/shell/bashInteractive/…/git`).
-    pub fn canonical(&self) -> String {
+    pub(crate) fn canonical(&self) -> String {
         let mut parts: Vec<&str> = Vec::new();
         if self.system.is_some() {
             parts.push("arm64");

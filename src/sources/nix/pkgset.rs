@@ -12,7 +12,7 @@ use crate::sources::nix::error::NixError;
 /// Where packages come from. Serialised into the request JSON as is.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
-pub enum PkgSource {
+pub(crate) enum PkgSource {
     /// A local file or directory that, imported and called with `{}` (or
     /// `{ system = …; }` for `arm64`), yields an attribute set. Absolute.
     Path { path: PathBuf },
@@ -35,7 +35,7 @@ pub enum PkgSource {
 impl PkgSource {
     /// A git source for an image tag: a 40-hex tag pins the commit,
     /// `latest` follows the default branch, anything else names a ref.
-    pub fn git_for_tag(url: &str, tag: &str) -> PkgSource {
+    pub(crate) fn git_for_tag(url: &str, tag: &str) -> PkgSource {
         let is_commit = tag.len() == 40 && tag.bytes().all(|b| b.is_ascii_hexdigit());
         PkgSource::Git {
             url: url.to_owned(),
@@ -46,7 +46,7 @@ impl PkgSource {
 
     /// Checks what the expression cannot: paths are absolute, channel names
     /// are plain names, URLs and flake references are non-empty.
-    pub fn validate(&self) -> Result<(), NixError> {
+    pub(crate) fn validate(&self) -> Result<(), NixError> {
         let bad = |why: String| Err(NixError::InvalidSource(why));
         match self {
             PkgSource::Path { path } if !path.is_absolute() => {
@@ -69,7 +69,7 @@ impl PkgSource {
 
     /// Whether the same request always evaluates to the same result (a
     /// commit-pinned git source). Everything else floats.
-    pub fn is_pinned(&self) -> bool {
+    pub(crate) fn is_pinned(&self) -> bool {
         matches!(self, PkgSource::Git { rev: Some(_), .. })
     }
 }

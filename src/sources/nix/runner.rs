@@ -22,11 +22,11 @@ use crate::sources::nix::pkgset::PkgSource;
 
 /// The result of [`Nix::build`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BuiltImage {
-    pub evaluation: Evaluation,
-    pub closure: ClosureGraph,
+pub(crate) struct BuiltImage {
+    pub(crate) evaluation: Evaluation,
+    pub(crate) closure: ClosureGraph,
     /// GC root links created for the outputs (see [`Nix::build`]).
-    pub gc_roots: Vec<PathBuf>,
+    pub(crate) gc_roots: Vec<PathBuf>,
 }
 
 impl Nix {
@@ -38,7 +38,7 @@ impl Nix {
     /// [`BuiltImage::gc_roots`]), which keep the whole closure alive until
     /// the caller removes them. Without it, a concurrent
     /// `nix-collect-garbage` may delete the outputs before they are read.
-    pub fn build(
+    pub(crate) fn build(
         &self,
         source: &PkgSource,
         name: &ImageName,
@@ -54,16 +54,6 @@ impl Nix {
             closure,
             gc_roots,
         })
-    }
-
-    /// Builds (or substitutes) the outputs of an evaluation; returns the
-    /// realised output paths and any GC root links (see [`Nix::build`]).
-    pub fn realise(
-        &self,
-        evaluation: &Evaluation,
-        gc_root: Option<&Path>,
-    ) -> Result<(Vec<String>, Vec<PathBuf>), NixError> {
-        self.realise_until(evaluation, gc_root, Instant::now() + self.config().timeout)
     }
 
     fn realise_until(
@@ -128,22 +118,6 @@ impl Nix {
             r
         };
         Ok((roots, links))
-    }
-
-    /// Makes `link` a GC root for `store_path` (`nix-store --add-root`), so
-    /// a cached image's closure survives `nix-collect-garbage`. Removing
-    /// the link releases it.
-    pub fn add_gc_root(&self, link: &Path, store_path: &str) -> Result<(), NixError> {
-        let mut args = self.base_args();
-        args.extend([
-            "--add-root".into(),
-            link.as_os_str().to_owned(),
-            "--realise".into(),
-            store_path.into(),
-        ]);
-        let deadline = Instant::now() + self.config().timeout;
-        let out = self.run("nix-store", args, deadline, Step::GcRoot)?;
-        self.expect_success(out, Step::GcRoot).map(drop)
     }
 }
 

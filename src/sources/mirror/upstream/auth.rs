@@ -15,9 +15,9 @@ use crate::oci::reference::{RegistryHost, DOCKER_HUB};
 
 /// A registry login. Debug output never shows the password.
 #[derive(Clone)]
-pub struct Credential {
-    pub username: String,
-    pub password: String,
+pub(crate) struct Credential {
+    pub(crate) username: String,
+    pub(crate) password: String,
 }
 
 impl std::fmt::Debug for Credential {
@@ -40,7 +40,7 @@ impl Credential {
 /// Docker's credential store: `$DOCKER_CONFIG/config.json` or
 /// `~/.docker/config.json`, `auths.<registry>.auth` = base64 `user:pass`.
 /// Credential helpers (`credsStore`) are not run.
-pub fn docker_config_credentials() -> Vec<(RegistryHost, Credential)> {
+pub(crate) fn docker_config_credentials() -> Vec<(RegistryHost, Credential)> {
     let path = match std::env::var_os("DOCKER_CONFIG") {
         Some(dir) => PathBuf::from(dir).join("config.json"),
         None => match directories::BaseDirs::new() {

@@ -59,7 +59,7 @@ impl tower_service::Service<Name> for Resolver {
 
 /// Whether `ip` is reachable on the public internet (not loopback, private,
 /// link-local, shared, unspecified or multicast).
-pub fn is_public(ip: IpAddr) -> bool {
+pub(crate) fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
             let o = v4.octets();

@@ -45,8 +45,8 @@ use connect::{client, HttpClient};
 use tls::tls_config;
 use tokens::Token;
 
-pub use auth::{docker_config_credentials, Credential};
-pub use connect::is_public;
+pub(crate) use auth::{docker_config_credentials, Credential};
+pub(crate) use connect::is_public;
 
 /// Redirects followed per request (blobs are often one hop to a CDN).
 const MAX_REDIRECTS: usize = 5;
@@ -78,20 +78,20 @@ pub enum UpstreamError {
 #[derive(Clone, Debug, Default)]
 pub struct UpstreamSettings {
     /// `--upstream HOST=URL`: trusted hosts and where they live.
-    pub overrides: Vec<(RegistryHost, String)>,
+    pub(crate) overrides: Vec<(RegistryHost, String)>,
     /// `--upstream-ca HOST=FILE`: an extra CA for one host.
-    pub extra_cas: Vec<(RegistryHost, PathBuf)>,
-    pub credentials: Vec<(RegistryHost, Credential)>,
+    pub(crate) extra_cas: Vec<(RegistryHost, PathBuf)>,
+    pub(crate) credentials: Vec<(RegistryHost, Credential)>,
     /// Connect and response-header timeout.
-    pub timeout: Duration,
-    pub offline: bool,
+    pub(crate) timeout: Duration,
+    pub(crate) offline: bool,
     /// Contact only the hosts in `overrides`.
-    pub only_configured: bool,
+    pub(crate) only_configured: bool,
 }
 
 /// What to fetch from an upstream.
 #[derive(Clone, Debug)]
-pub enum Target {
+pub(crate) enum Target {
     Manifest(String),
     Blob(Digest),
 }
@@ -135,7 +135,7 @@ impl Upstreams {
         })
     }
 
-    pub fn offline(&self) -> bool {
+    pub(crate) fn offline(&self) -> bool {
         self.settings.offline
     }
 
@@ -184,7 +184,7 @@ impl Upstreams {
 
     /// Sends `method` for `target` in `repo` on `host`, authenticating as the
     /// registry asks and following redirects. The body is left unread.
-    pub async fn fetch(
+    pub(crate) async fn fetch(
         &self,
         host: &RegistryHost,
         repo: &RepoName,

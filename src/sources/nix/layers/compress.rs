@@ -12,20 +12,20 @@ use serde::{Deserialize, Serialize};
 use crate::oci::digest::{Algorithm, Digest, Hasher};
 
 /// gzip level: with the zlib-rs backend, part of the layer digests.
-pub const GZIP_LEVEL: u32 = 6;
+pub(crate) const GZIP_LEVEL: u32 = 6;
 /// zstd level: part of the layer digests.
-pub const ZSTD_LEVEL: i32 = 3;
+pub(crate) const ZSTD_LEVEL: i32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Compression {
+pub(crate) enum Compression {
     Gzip,
     Zstd,
     None,
 }
 
 impl Compression {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Compression::Gzip => "gzip",
             Compression::Zstd => "zstd",
@@ -34,7 +34,7 @@ impl Compression {
     }
 
     /// The layer media type in an OCI manifest.
-    pub fn oci_media_type(self) -> &'static str {
+    pub(crate) fn oci_media_type(self) -> &'static str {
         match self {
             Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
             Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
@@ -44,7 +44,7 @@ impl Compression {
 
     /// The layer media type in a Docker schema 2 manifest. zstd has no
     /// official Docker type; containerd and Docker ≥ 23 accept this one.
-    pub fn docker_media_type(self) -> &'static str {
+    pub(crate) fn docker_media_type(self) -> &'static str {
         match self {
             Compression::Gzip => "application/vnd.docker.image.rootfs.diff.tar.gzip",
             Compression::Zstd => "application/vnd.docker.image.rootfs.diff.tar.zstd",
@@ -61,7 +61,7 @@ impl fmt::Display for Compression {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown layer compression {0:?} (gzip, zstd, none)")]
-pub struct UnknownCompression(String);
+pub(crate) struct UnknownCompression(String);
 
 impl FromStr for Compression {
     type Err = UnknownCompression;

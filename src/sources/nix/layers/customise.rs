@@ -17,15 +17,15 @@ use super::tarball::LayerWriter;
 use super::{LayerError, LayerInfo};
 
 /// Where the CA bundle goes (and what `SSL_CERT_FILE` points at).
-pub const CA_BUNDLE: &str = "etc/ssl/certs/ca-bundle.crt";
+pub(crate) const CA_BUNDLE: &str = "etc/ssl/certs/ca-bundle.crt";
 
 /// What went into a customisation layer, for the image config.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Customisation {
+pub(crate) struct Customisation {
     /// `/etc/ssl/certs/ca-bundle.crt` exists in the image.
-    pub ca_bundle: bool,
+    pub(crate) ca_bundle: bool,
     /// What `/usr/bin/env` points at, if anything.
-    pub env: Option<PathBuf>,
+    pub(crate) env: Option<PathBuf>,
 }
 
 /// A node of the symlink tree: a real directory or a symlink.
@@ -172,7 +172,7 @@ fn find_in_closure(closure: &[String], prefixes: &[&str], rel: &str) -> Option<P
 /// (the merged `bin/env`, else coreutils', else busybox's from `closure`)
 /// and `/etc/ssl/certs/ca-bundle.crt` (the merged one, else cacert's from
 /// `closure`). `closure` is searched in the order given; pass it sorted.
-pub fn write_customisation_layer<W: Write>(
+pub(crate) fn write_customisation_layer<W: Write>(
     packages: &[String],
     closure: &[String],
     compression: Compression,

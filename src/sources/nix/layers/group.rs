@@ -16,27 +16,27 @@ use crate::sources::nix::closure::ClosureGraph;
 
 /// A store path counts as popular (its own layer candidate) from this many
 /// referrers on (Nixery's threshold).
-pub const POPULAR_THRESHOLD: u64 = 100;
+pub(crate) const POPULAR_THRESHOLD: u64 = 100;
 /// A store path whose closure is bigger than this is a layer candidate of
 /// its own (Nixery's threshold).
-pub const BIG_CLOSURE: u64 = 100_000_000;
+pub(crate) const BIG_CLOSURE: u64 = 100_000_000;
 /// Nixery gives these to every image and rates them above glibc.
 const ALWAYS_POPULAR: [&str; 2] = ["nss-cacert", "iana-etc"];
 const ALWAYS_POPULAR_COUNT: u64 = 500_000;
 
 /// The store paths of one layer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LayerGroup {
+pub(crate) struct LayerGroup {
     /// Sorted store paths.
-    pub paths: Vec<String>,
+    pub(crate) paths: Vec<String>,
     /// Sum of their NAR sizes.
-    pub size: u64,
+    pub(crate) size: u64,
 }
 
 impl LayerGroup {
     /// The layer's identity: sha256 of its sorted store paths, one per line.
     /// With the compression setting, it decides the layer's bytes.
-    pub fn id(&self) -> Digest {
+    pub(crate) fn id(&self) -> Digest {
         let mut h = Hasher::new(Algorithm::Sha256);
         for p in &self.paths {
             h.update(p.as_bytes());
@@ -45,7 +45,7 @@ impl LayerGroup {
         h.finish()
     }
 
-    pub fn path_bufs(&self) -> Vec<PathBuf> {
+    pub(crate) fn path_bufs(&self) -> Vec<PathBuf> {
         self.paths.iter().map(PathBuf::from).collect()
     }
 }
@@ -74,7 +74,7 @@ struct Group {
 ///   dependencies get layers of their own); if there are still too many
 ///   groups, the two lowest rated (popularity of the head × size) are
 ///   merged until they fit.
-pub fn group_layers(
+pub(crate) fn group_layers(
     closure: &ClosureGraph,
     popularity: &Popularity,
     budget: usize,

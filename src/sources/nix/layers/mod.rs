@@ -32,38 +32,33 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use self::compress::{Compression, UnknownCompression, GZIP_LEVEL, ZSTD_LEVEL};
-pub use self::customise::{write_customisation_layer, Customisation, CA_BUNDLE};
-pub use self::group::{group_layers, LayerGroup, BIG_CLOSURE, POPULAR_THRESHOLD};
-pub use self::popularity::{package_name, Popularity};
-pub use self::tarball::{write_layer, LayerWriter, MTIME};
+pub(crate) use self::compress::{Compression, UnknownCompression};
+pub(crate) use self::customise::{write_customisation_layer, CA_BUNDLE};
+pub(crate) use self::group::{group_layers, LayerGroup};
+pub(crate) use self::popularity::{package_name, Popularity};
+pub(crate) use self::tarball::write_layer;
 use crate::oci::digest::Digest;
 use crate::util::fs::IoError;
 
 /// Where store paths live, and their prefix inside layer tarballs.
-pub const STORE_DIR: &str = "/nix/store";
+pub(crate) const STORE_DIR: &str = "/nix/store";
 
 /// What a written layer is: the blob (compressed) and its diff_id (the
 /// sha256 of the uncompressed tar).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LayerInfo {
+pub(crate) struct LayerInfo {
     /// Digest of the blob as written to the sink.
-    pub digest: Digest,
+    pub(crate) digest: Digest,
     /// Size of the blob in bytes.
-    pub size: u64,
+    pub(crate) size: u64,
     /// Digest of the uncompressed tar (the config's `rootfs.diff_ids`).
-    pub diff_id: Digest,
+    pub(crate) diff_id: Digest,
     /// Size of the uncompressed tar.
-    pub tar_size: u64,
-    pub compression: Compression,
+    pub(crate) tar_size: u64,
+    pub(crate) compression: Compression,
 }
 
-impl LayerInfo {
-    /// The OCI layer media type.
-    pub fn media_type(&self) -> &'static str {
-        self.compression.oci_media_type()
-    }
-}
+impl LayerInfo {}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {

@@ -13,7 +13,7 @@ use crate::sources::nix::closure::ClosureGraph;
 /// names (`<hash>-glibc-2.37-8`), values reference counts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct Popularity(BTreeMap<String, u64>);
+pub(crate) struct Popularity(BTreeMap<String, u64>);
 
 /// `/nix/store/<hash>-<name>` → `<hash>-<name>`.
 fn base_name(path: &str) -> &str {
@@ -21,7 +21,7 @@ fn base_name(path: &str) -> &str {
 }
 
 /// `/nix/store/<hash>-<name>` → `<name>` (what Nixery's popcount keys on).
-pub fn package_name(path: &str) -> &str {
+pub(crate) fn package_name(path: &str) -> &str {
     let base = base_name(path);
     match base.split_once('-') {
         Some((hash, name)) if hash.len() == 32 => name,
@@ -30,13 +30,13 @@ pub fn package_name(path: &str) -> &str {
 }
 
 impl Popularity {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Parses Nixery's popularity JSON: `{ "<name>": <count>, … }`. Counts
     /// may be floats (rounded); negative or non-numeric values are errors.
-    pub fn from_nixery_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+    pub(crate) fn from_nixery_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
         let raw: BTreeMap<String, serde_json::Value> = serde_json::from_slice(bytes)?;
         let mut out = BTreeMap::new();
         for (name, value) in raw {
@@ -57,16 +57,18 @@ impl Popularity {
     }
 
     /// The same JSON format, keys sorted.
-    pub fn to_json(&self) -> Vec<u8> {
+    #[cfg(test)]
+    pub(crate) fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(&self.0).unwrap_or_default()
     }
 
-    pub fn insert(&mut self, key: impl Into<String>, count: u64) {
+    #[cfg(test)]
+    pub(crate) fn insert(&mut self, key: impl Into<String>, count: u64) {
         self.0.insert(key.into(), count);
     }
 
     /// The count for a store path: by full base name, else by package name.
-    pub fn get(&self, store_path: &str) -> Option<u64> {
+    pub(crate) fn get(&self, store_path: &str) -> Option<u64> {
         self.0
             .get(base_name(store_path))
             .or_else(|| self.0.get(package_name(store_path)))
@@ -76,28 +78,12 @@ impl Popularity {
     /// Adds the reference counts seen in one closure (how many paths of
     /// it reference each path): call it for every image built, or for the
     /// whole local store's graph.
-    pub fn learn(&mut self, closure: &ClosureGraph) {
+    pub(crate) fn learn(&mut self, closure: &ClosureGraph) {
         for info in closure.paths.values() {
             for r in &info.references {
                 *self.0.entry(package_name(r).to_owned()).or_default() += 1;
             }
         }
-    }
-
-    /// Adds another data set's counts to these.
-    pub fn merge(&mut self, other: &Popularity) {
-        for (k, v) in &other.0 {
-            let e = self.0.entry(k.clone()).or_default();
-            *e = e.saturating_add(*v);
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
     }
 }
 

@@ -16,14 +16,14 @@ use crate::oci::digest::Digest;
 use crate::util::fs::io_err;
 
 /// The mtime of every entry: Nix's own for store contents.
-pub const MTIME: u64 = 1;
+pub(crate) const MTIME: u64 = 1;
 /// Read buffer per file.
 const READ_CHUNK: usize = 256 << 10;
 
 type Sink<W> = HashWriter<Encoder<HashWriter<W>>>;
 
 /// A deterministic layer tarball being written to `W`.
-pub struct LayerWriter<W: Write> {
+pub(crate) struct LayerWriter<W: Write> {
     tar: tar::Builder<Sink<W>>,
     compression: Compression,
     /// File read buffer.
@@ -51,7 +51,7 @@ fn dir_name(tar_path: &Path) -> PathBuf {
 }
 
 impl<W: Write> LayerWriter<W> {
-    pub fn new(out: W, compression: Compression) -> Result<Self, LayerError> {
+    pub(crate) fn new(out: W, compression: Compression) -> Result<Self, LayerError> {
         // Uncompressed, blob and tar are the same bytes: hash them once.
         let hash_blob = compression != Compression::None;
         let encoder = Encoder::new(HashWriter::new(out, hash_blob), compression)
@@ -64,7 +64,7 @@ impl<W: Write> LayerWriter<W> {
     }
 
     /// Adds a directory entry (no contents).
-    pub fn add_dir(&mut self, tar_path: &Path, mode: u32) -> Result<(), LayerError> {
+    pub(crate) fn add_dir(&mut self, tar_path: &Path, mode: u32) -> Result<(), LayerError> {
         let mut h = header(tar::EntryType::Directory, mode, 0);
         self.tar
             .append_data(&mut h, dir_name(tar_path), io::empty())
@@ -73,7 +73,7 @@ impl<W: Write> LayerWriter<W> {
     }
 
     /// Adds a symlink entry.
-    pub fn add_symlink(&mut self, tar_path: &Path, target: &Path) -> Result<(), LayerError> {
+    pub(crate) fn add_symlink(&mut self, tar_path: &Path, target: &Path) -> Result<(), LayerError> {
         let mut h = header(tar::EntryType::Symlink, 0o777, 0);
         self.tar
             .append_link(&mut h, tar_path, target)
@@ -82,7 +82,13 @@ impl<W: Write> LayerWriter<W> {
     }
 
     /// Adds a regular file entry with in-memory contents.
-    pub fn add_file(&mut self, tar_path: &Path, mode: u32, data: &[u8]) -> Result<(), LayerError> {
+    #[cfg(test)]
+    pub(crate) fn add_file(
+        &mut self,
+        tar_path: &Path,
+        mode: u32,
+        data: &[u8],
+    ) -> Result<(), LayerError> {
         let mut h = header(tar::EntryType::Regular, mode, data.len() as u64);
         self.tar
             .append_data(&mut h, tar_path, data)
@@ -93,7 +99,7 @@ impl<W: Write> LayerWriter<W> {
     /// Adds `fs_path` (file, symlink or directory tree) as `tar_path`,
     /// walking directories in byte order of names, depth first, without
     /// following symlinks. Files are streamed in 256 KiB reads.
-    pub fn add_tree(&mut self, fs_path: &Path, tar_path: &Path) -> Result<(), LayerError> {
+    pub(crate) fn add_tree(&mut self, fs_path: &Path, tar_path: &Path) -> Result<(), LayerError> {
         struct Frame {
             fs: PathBuf,
             tar: PathBuf,
@@ -183,7 +189,7 @@ impl<W: Write> LayerWriter<W> {
 
     /// Ends the archive and the compressed stream; returns the layer's
     /// digests and the sink.
-    pub fn finish(self) -> Result<(LayerInfo, W), LayerError> {
+    pub(crate) fn finish(self) -> Result<(LayerInfo, W), LayerError> {
         let sink = self.tar.into_inner().map_err(LayerError::Write)?;
         let (encoder, diff_id, tar_size) = sink.finish();
         let diff_id = diff_id.unwrap_or_else(|| Digest::sha256_of(b""));
@@ -230,7 +236,7 @@ fn store_tar_path(path: &Path) -> Result<PathBuf, LayerError> {
 /// byte order, whatever order `paths` has) with all its contents, streamed
 /// from the store through the compressor into `out`. Pass `&mut sink` to
 /// keep using the sink afterwards.
-pub fn write_layer<W: Write>(
+pub(crate) fn write_layer<W: Write>(
     paths: &[PathBuf],
     compression: Compression,
     out: W,
