@@ -14,11 +14,11 @@
 //! | [`http`] | the wire: accept loop and limits, routes, `error.rs` (the one conversion to the OCI error envelope), `range.rs`, bodies, `/files`, the status page |
 //! | [`registry`] | the registry service: route a request to its source once, then answer from the store; `prefetch` |
 //! | [`blobserve`] | files from inside images: request, image, extract, space, resolve, content |
-//! | [`sources`] | where images come from, behind one interface: `nix/` (name, package set, evaluation, closure, command, runner, `layers/`, image), `mirror/` (revalidation, downloads, `upstream`), `layout` (import) |
-//! | [`store`] | the on-disk cache: blobs, repositories and tags, records; `ingest` (the one commit path: blobs, then links, then the tag); `gc` |
+//! | [`sources`] | where images come from, behind one interface: `nix/` (name, package set, evaluation, closure, command, runner, `layers/`, image), `mirror/` (revalidation, downloads, `upstream/`: auth, tokens, connect, TLS), `layout` (import) |
+//! | [`store`] | the on-disk cache: `blobs`, `repos` (links and tags), `records`; `ingest` (the one commit path: blobs, then links, then the tag); `gc` |
 //! | [`oci`] | the vocabulary: digests, references, media types, manifest structure, platforms, `Accept`, error codes |
 //! | [`config`] | flags, the config file and the defaults, resolved into settings |
-//! | [`ops`] | running on a host: client setup, the doctor's checks, systemd |
+//! | [`ops`] | running on a host: `setup/` (one file per client), the doctor's checks, systemd |
 //! | [`telemetry`] | metrics and the event log of the status page |
 //! | [`util`] | single-flight, time, file-system errors |
 //!
