@@ -41,13 +41,13 @@ impl Accept {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const OCI: &str = "application/vnd.oci.image.manifest.v1+json";
-    const DOCKER: &str = "application/vnd.docker.distribution.manifest.v2+json";
+    pub(crate) const OCI: &str = "application/vnd.oci.image.manifest.v1+json";
+    pub(crate) const DOCKER: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
-    fn accept(v: &str) -> Accept {
+    pub(crate) fn accept(v: &str) -> Accept {
         Accept::from_header_values([v.as_bytes()])
     }
 

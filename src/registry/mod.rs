@@ -247,15 +247,9 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oci::accept::tests::{accept, DOCKER, OCI};
     use crate::oci::reference::Tag;
     use crate::store::{ManifestVariant, TagRecord};
-
-    const OCI: &str = "application/vnd.oci.image.manifest.v1+json";
-    const DOCKER: &str = "application/vnd.docker.distribution.manifest.v2+json";
-
-    fn accept(v: &str) -> Accept {
-        Accept::from_header_values([v.as_bytes()])
-    }
 
     async fn registry_with_tag(variants: &[(&str, &[u8])]) -> (tempfile::TempDir, Registry) {
         let dir = tempfile::tempdir().expect("tempdir");
