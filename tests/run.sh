@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh Debian machine: installs the real
 # clients and servers the tests drive, then formatting, lints and tests.
-# Needs root (containerd runs containers); run it as `sudo tests/run.sh`.
+# Needs root (containerd runs containers); as a user, it asks sudo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Root: the containerd tests mount overlayfs and start containers. A user
+# with sudo is asked once here; as root, sudo need not exist.
 if [ "$(id -u)" -ne 0 ]; then
-    echo "tests/run.sh: run as root (sudo tests/run.sh): the containerd tests mount overlayfs and start containers" >&2
-    exit 1
+    command -v sudo >/dev/null || {
+        echo "tests/run.sh: run as root: the containerd tests mount overlayfs and start containers (sudo is not installed)" >&2
+        exit 1
+    }
+    exec sudo --preserve-env=PATH,CARGO_HOME,RUSTUP_HOME,HOME "$0" "$@"
 fi
 
 packages=(
