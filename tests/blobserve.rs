@@ -12,8 +12,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-const PKGS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pkgs");
-
 /// The line the daemon logs once per extracted layer.
 const EXTRACTED: &str = "extracted layer";
 /// The line it logs per evicted layer.
@@ -39,13 +37,16 @@ fn layered_daemon(extra: &[&str]) -> (Daemon, DaemonLog, tempfile::TempDir, temp
     let layout = tempdir("nl-layout");
     let image = layered_layout(layout.path(), "1");
     let state = tempdir("nl-state");
-    import_ok(state.path(), &image, "docker.io/library/layered:1");
-    import_ok(state.path(), &image, "docker.io/library/webapp:1");
     let config = state.path().join("blobserve.toml");
     std::fs::write(&config, CONFIG).expect("write config");
-    let mut args = vec!["--config", config.to_str().expect("utf-8 path")];
-    args.extend_from_slice(extra);
-    let (d, log) = Daemon::start_in_logged(state.path(), &args, &[]);
+    let d = Daemon::builder()
+        .state_dir(state.path())
+        .import(&image, "docker.io/library/layered:1")
+        .import(&image, "docker.io/library/webapp:1")
+        .args(["--config", s(&config)])
+        .args(extra)
+        .start();
+    let log = d.log().clone();
     (d, log, layout, state)
 }
 
@@ -81,10 +82,7 @@ fn listing(d: &Daemon, path: &str) -> Vec<String> {
 
 #[test]
 fn nix_image_files_are_served() {
-    require("nix-build");
-    require("busybox");
-    let (d, log) =
-        Daemon::start_logged(&["--pkgs-path", PKGS, "--nix-option", "substituters="], &[]);
+    let (d, log) = nix_daemon(&[]);
     let r = get(&d, "/files/nix/hello:latest/bin/hello");
     assert_eq!(r.status, 200, "{r}\n{}", log.text());
     assert!(r.text().starts_with("#!"), "a script: {r}");

@@ -14,52 +14,16 @@ const DOCKER_MSG: &str = "hello-from-docker-v2-image";
 const MULTI_MSG: &str = "hello-from-multi-platform-image";
 const GHCR_MSG: &str = "hello-from-ghcr-image";
 
-struct Fixture {
-    daemon: Daemon,
-    oci: TestImage,
-    docker: TestImage,
-    multi: TestImage,
-    ghcr: TestImage,
-}
-
 /// One daemon for the file, with every image imported before it starts.
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
+fn fixture() -> &'static ImageFixture {
+    static F: OnceLock<ImageFixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = scratch_dir("containerd");
-        let state = dir.join("state");
-        let oci = busybox_layout(&dir.join("oci"), "1", OCI_MSG);
-        let docker = docker_v2_layout(&dir.join("docker"), "1", DOCKER_MSG);
-        let multi = multi_platform_layout(&dir.join("multi"), "1", MULTI_MSG);
-        let ghcr = busybox_layout(&dir.join("ghcr"), "1", GHCR_MSG);
-        import_ok(&state, &oci, "docker.io/library/hello:1");
-        import_ok(&state, &docker, "docker.io/library/hello-docker:1");
-        import_ok(&state, &multi, "docker.io/library/hello-multi:1");
-        import_ok(&state, &ghcr, "ghcr.io/acme/hello:1");
-        let daemon = Daemon::start_in(&state, &[]);
-        Fixture {
-            daemon,
-            oci,
-            docker,
-            multi,
-            ghcr,
-        }
+        ImageFixture::start(
+            "containerd",
+            [OCI_MSG, DOCKER_MSG, MULTI_MSG, GHCR_MSG],
+            "ghcr.io/acme/hello:1",
+        )
     })
-}
-
-/// Pulls `reference` through the configured hosts dir, checks containerd
-/// recorded `digest` for it, runs it and returns its stdout.
-fn pull_and_run(ctrd: &Containerd, reference: &str, digest: &str) -> String {
-    let out = ctrd.pull(reference, &[]);
-    assert_success(&format!("ctr images pull {reference}"), &out);
-    let listing = ctrd.ctr_ok(&["images", "ls", &format!("name=={reference}")]);
-    assert!(
-        listing.contains(digest),
-        "containerd's {reference} is not {digest}:\n{listing}"
-    );
-    let out = ctrd.run(reference);
-    assert_success(&format!("ctr run {reference}"), &out);
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Checks the harness itself (layout builder, containerd config, hosts.toml)
@@ -75,7 +39,7 @@ fn harness_works_against_reference_registry() {
     );
     let ctrd = Containerd::start();
     ctrd.hosts_dir("docker.io", &reg.url());
-    let stdout = pull_and_run(&ctrd, "docker.io/library/hello:1", &image.manifest_digest);
+    let stdout = ctrd.pull_and_run("docker.io/library/hello:1", &image.manifest_digest);
     assert!(
         stdout.contains("hello-from-reference-registry"),
         "output: {stdout:?}"
@@ -87,7 +51,7 @@ fn oci_image_pulls_and_runs() {
     let f = fixture();
     let ctrd = Containerd::start();
     ctrd.hosts_dir("docker.io", &f.daemon.url());
-    let stdout = pull_and_run(&ctrd, "docker.io/library/hello:1", &f.oci.manifest_digest);
+    let stdout = ctrd.pull_and_run("docker.io/library/hello:1", &f.oci.manifest_digest);
     assert!(stdout.contains(OCI_MSG), "output: {stdout:?}");
 }
 
@@ -96,8 +60,7 @@ fn docker_v2_image_pulls_and_runs() {
     let f = fixture();
     let ctrd = Containerd::start();
     ctrd.hosts_dir("docker.io", &f.daemon.url());
-    let stdout = pull_and_run(
-        &ctrd,
+    let stdout = ctrd.pull_and_run(
         "docker.io/library/hello-docker:1",
         &f.docker.manifest_digest,
     );
@@ -109,11 +72,7 @@ fn multi_platform_image_runs_host_platform() {
     let f = fixture();
     let ctrd = Containerd::start();
     ctrd.hosts_dir("docker.io", &f.daemon.url());
-    let stdout = pull_and_run(
-        &ctrd,
-        "docker.io/library/hello-multi:1",
-        &f.multi.manifest_digest,
-    );
+    let stdout = ctrd.pull_and_run("docker.io/library/hello-multi:1", &f.multi.manifest_digest);
     let expected = format!("{MULTI_MSG} on {}", host_arch());
     assert!(
         stdout.contains(&expected),
@@ -129,7 +88,7 @@ fn ghcr_image_pulls_through_ghcr_mirror() {
     let f = fixture();
     let ctrd = Containerd::start();
     ctrd.hosts_dir_with_server("ghcr.io", "https://127.0.0.1:1", &f.daemon.url());
-    let stdout = pull_and_run(&ctrd, "ghcr.io/acme/hello:1", &f.ghcr.manifest_digest);
+    let stdout = ctrd.pull_and_run("ghcr.io/acme/hello:1", &f.ghcr.manifest_digest);
     assert!(stdout.contains(GHCR_MSG), "output: {stdout:?}");
 }
 

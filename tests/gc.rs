@@ -23,9 +23,11 @@ fn age_blobs(state: &Path) {
 }
 
 fn run(args: &[&str]) -> String {
-    let out = Command::new(bin()).args(args).output().expect("run");
-    assert_success(&format!("{args:?}"), &out);
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    run_ok(
+        &format!("{args:?}"),
+        Command::new(bin()).args(args),
+        Duration::from_secs(60),
+    )
 }
 
 #[test]
@@ -60,27 +62,13 @@ fn gc_evicts_least_recently_used_and_frees_the_disk() {
         assert!(listing.contains(name), "ls lacks {name}:\n{listing}");
     }
 
-    let blobs_before: u64 = list_files(&state.path().join("blobs"))
-        .iter()
-        .map(|f| {
-            fs::metadata(state.path().join("blobs").join(f))
-                .expect("stat")
-                .len()
-        })
-        .sum();
+    let blobs_before = total_size(&state.path().join("blobs"));
     // Room for one image: a and c (least recently used) go, b stays.
     let report = run(&["gc", "--state-dir", s, "--max-cache-size", "3MiB"]);
     assert!(report.contains("evicted docker.io/library/a:1"), "{report}");
     assert!(report.contains("evicted docker.io/library/c:1"), "{report}");
     assert!(!report.contains("library/b"), "{report}");
-    let blobs_after: u64 = list_files(&state.path().join("blobs"))
-        .iter()
-        .map(|f| {
-            fs::metadata(state.path().join("blobs").join(f))
-                .expect("stat")
-                .len()
-        })
-        .sum();
+    let blobs_after = total_size(&state.path().join("blobs"));
     assert!(blobs_after <= 3 << 20, "still {blobs_after} bytes of blobs");
     assert!(
         report.contains(&format!("{} bytes freed", blobs_before - blobs_after)),

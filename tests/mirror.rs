@@ -11,11 +11,10 @@ mod common;
 
 use std::fs;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier, OnceLock};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use common::upstream::*;
 use common::*;
 use serde_json::json;
 
@@ -28,34 +27,6 @@ const PASSWORD: &str = "pw-7Qx9-never-logged";
 /// mirror.
 fn dead_server() -> String {
     format!("http://127.0.0.1:{}", free_port())
-}
-
-fn start(args: &[String]) -> Daemon {
-    let v: Vec<&str> = args.iter().map(String::as_str).collect();
-    Daemon::start(&v)
-}
-
-/// A daemon that sees no Docker credentials but what `env` gives it (the
-/// machine's `~/.docker/config.json` must not leak into auth tests).
-fn start_isolated(args: &[String], env: &[(&str, &str)]) -> (Daemon, DaemonLog) {
-    static HOME: OnceLock<String> = OnceLock::new();
-    let home = HOME.get_or_init(|| {
-        scratch_dir("mirror-empty-home")
-            .to_str()
-            .unwrap()
-            .to_owned()
-    });
-    let mut full_env: Vec<(&str, &str)> = vec![
-        ("HOME", home),
-        ("DOCKER_CONFIG", home),
-        ("NIXERY_LOCAL_LOG", "debug"),
-    ];
-    for (k, v) in env {
-        full_env.retain(|(n, _)| n != k);
-        full_env.push((k, v));
-    }
-    let v: Vec<&str> = args.iter().map(String::as_str).collect();
-    Daemon::start_logged(&v, &full_env)
 }
 
 fn manifest_path(repo: &str, reference: &str, host: Option<&str>) -> String {
@@ -72,7 +43,7 @@ fn blob_path(repo: &str, digest: &str, host: Option<&str>) -> String {
     }
 }
 
-fn get_manifest(daemon: &Daemon, path: &str) -> Fetched {
+fn get_manifest(daemon: &Daemon, path: &str) -> Response {
     get(daemon.addr(), path, &[("Accept", ACCEPT_MANIFESTS)])
 }
 
@@ -98,28 +69,13 @@ fn assert_serves_image(daemon: &Daemon, repo: &str, image: &TestImage, host: Opt
             b.status == 200 && b.complete() && b.body == image.blob(digest),
             "GET {path}: expected {} bytes, got {}",
             image.blob(digest).len(),
-            Fetched {
+            Response {
                 body: b.body[..b.body.len().min(64)].to_vec(),
                 ..b
             }
             .summary()
         );
     }
-}
-
-/// Pulls `reference` with containerd through its hosts dir, checks the
-/// resolved digest, runs it and returns its stdout.
-fn pull_and_run(ctrd: &Containerd, reference: &str, digest: &str) -> String {
-    let out = ctrd.pull(reference, &[]);
-    assert_success(&format!("ctr images pull {reference}"), &out);
-    let listing = ctrd.ctr_ok(&["images", "ls", &format!("name=={reference}")]);
-    assert!(
-        listing.contains(digest),
-        "containerd's {reference} is not {digest}:\n{listing}"
-    );
-    let out = ctrd.run(reference);
-    assert_success(&format!("ctr run {reference}"), &out);
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn assert_alive(daemon: &mut Daemon) {
@@ -200,7 +156,9 @@ fn harness_fake_upstream_and_client() {
         Duration::from_secs(5),
     );
     assert!(
-        head.status == 200 && head.complete() && head.header("content-length") == Some("300000"),
+        head.status == 200
+            && head.complete()
+            && head.header("content-length").as_deref() == Some("300000"),
         "{}",
         head.summary()
     );
@@ -216,17 +174,19 @@ fn harness_fake_upstream_and_client() {
 #[test]
 fn containerd_pulls_and_runs_through_mirror_from_plain_http_upstream() {
     const MSG: &str = "hello-through-the-mirror";
-    let mut reg = UpstreamRegistry::start_plain();
+    let mut reg = DockerRegistry::start();
     let dir = tempdir("mirror-plain");
     let image = busybox_layout(&dir.path().join("img"), "1", MSG);
     reg.push(&image, "library/hello:1");
-    let daemon = start(&["--upstream".into(), reg.upstream_arg()]);
+    let daemon = Daemon::builder()
+        .args(["--upstream".into(), reg.upstream_arg()])
+        .start();
 
     let ctrd = Containerd::start();
     let host = reg.host_port();
     ctrd.hosts_dir_with_server(&host, &dead_server(), &daemon.url());
     let reference = format!("{host}/library/hello:1");
-    let stdout = pull_and_run(&ctrd, &reference, &image.manifest_digest);
+    let stdout = ctrd.pull_and_run(&reference, &image.manifest_digest);
     assert!(stdout.contains(MSG), "ctr run output: {stdout:?}");
 
     // The daemon fetched each blob from the upstream exactly once.
@@ -272,18 +232,13 @@ fn containerd_pulls_and_runs_through_mirror_from_plain_http_upstream() {
 fn concurrent_cold_blob_gets_cause_one_upstream_get() {
     const CLIENTS: usize = 16;
     const SIZE: u64 = 64 << 20;
-    let reg = UpstreamRegistry::start_plain();
+    let reg = DockerRegistry::start();
     let dir = tempdir("mirror-big");
     let image = blob_layout(&dir.path().join("img"), "1", SIZE);
     reg.push(&image, "library/big:1");
     let layer = image.layer_digests[0].clone();
     let expected = Arc::new(fs::read(image.blob_path(&layer)).unwrap());
-    let daemon = start(&[
-        "--default-registry".into(),
-        reg.host_port(),
-        "--upstream".into(),
-        reg.upstream_arg(),
-    ]);
+    let daemon = Daemon::builder().args(reg.mirror_args()).start();
 
     // As a client does: the manifest first (no ns: the default registry).
     let m = get_manifest(&daemon, "/v2/library/big/manifests/1");
@@ -293,26 +248,14 @@ fn concurrent_cold_blob_gets_cause_one_upstream_get() {
         m.summary()
     );
 
-    let barrier = Arc::new(Barrier::new(CLIENTS));
-    let addr = daemon.addr();
     let path = format!("/v2/library/big/blobs/{layer}");
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            let (barrier, expected, path) = (barrier.clone(), expected.clone(), path.clone());
-            thread::spawn(move || {
-                barrier.wait();
-                fetch(
-                    addr,
-                    "GET",
-                    &path,
-                    &[],
-                    Body::Expect(expected),
-                    Duration::from_secs(120),
-                )
-            })
-        })
-        .collect();
-    let results: Vec<Fetched> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let results = fetch_together(
+        daemon.addr(),
+        &path,
+        &expected,
+        CLIENTS,
+        Duration::from_secs(120),
+    );
     for (i, r) in results.iter().enumerate() {
         assert!(
             r.ok_and_matches(SIZE),
@@ -343,7 +286,7 @@ fn concurrent_cold_blob_gets_cause_one_upstream_get() {
 #[test]
 fn cached_images_survive_upstream_loss_and_offline_mode() {
     const MSG: &str = "hello-while-upstream-is-down";
-    let mut reg = UpstreamRegistry::start_plain();
+    let mut reg = DockerRegistry::start();
     let dir = tempdir("mirror-offline");
     let image = busybox_layout(&dir.path().join("img"), "1", MSG);
     reg.push(&image, "library/offline:1");
@@ -351,21 +294,21 @@ fn cached_images_survive_upstream_loss_and_offline_mode() {
     let reference = format!("{host}/library/offline:1");
     let state = dir.path().join("state");
 
-    let daemon = start_in(
-        &state,
-        &[
+    let daemon = Daemon::builder()
+        .state_dir(&state)
+        .args([
             "--upstream".into(),
             reg.upstream_arg(),
             "--tag-ttl".into(),
             "1".into(),
             "--upstream-timeout".into(),
             "2".into(),
-        ],
-    );
+        ])
+        .start();
     {
         let ctrd = Containerd::start();
         ctrd.hosts_dir_with_server(&host, &dead_server(), &daemon.url());
-        let stdout = pull_and_run(&ctrd, &reference, &image.manifest_digest);
+        let stdout = ctrd.pull_and_run(&reference, &image.manifest_digest);
         assert!(stdout.contains(MSG), "ctr run output: {stdout:?}");
     }
 
@@ -383,7 +326,8 @@ fn cached_images_survive_upstream_loss_and_offline_mode() {
     );
     assert!(
         head.status == 200
-            && head.header("docker-content-digest") == Some(image.manifest_digest.as_str())
+            && head.header("docker-content-digest").as_deref()
+                == Some(image.manifest_digest.as_str())
             && head.elapsed < Duration::from_secs(5),
         "HEAD by tag with the upstream stopped: {}",
         head.summary()
@@ -391,7 +335,7 @@ fn cached_images_survive_upstream_loss_and_offline_mode() {
     {
         let ctrd = Containerd::start();
         ctrd.hosts_dir_with_server(&host, &dead_server(), &daemon.url());
-        let stdout = pull_and_run(&ctrd, &reference, &image.manifest_digest);
+        let stdout = ctrd.pull_and_run(&reference, &image.manifest_digest);
         assert!(stdout.contains(MSG), "ctr run output: {stdout:?}");
     }
     daemon.stop();
@@ -399,14 +343,14 @@ fn cached_images_survive_upstream_loss_and_offline_mode() {
     // --offline: the upstream URL now points at a recorder, which must see
     // nothing at all.
     let recorder = FakeUpstream::start(|_| Reply::status(500));
-    let offline = start_in(
-        &state,
-        &[
+    let offline = Daemon::builder()
+        .state_dir(&state)
+        .args([
             "--offline".into(),
             "--upstream".into(),
             format!("{host}={}", recorder.url()),
-        ],
-    );
+        ])
+        .start();
     assert_serves_image(&offline, "library/offline", &image, Some(&host));
     let misses = [
         manifest_path("library/offline", "2", Some(&host)),
@@ -435,7 +379,7 @@ fn cached_images_survive_upstream_loss_and_offline_mode() {
     {
         let ctrd = Containerd::start();
         ctrd.hosts_dir_with_server(&host, &dead_server(), &offline.url());
-        let stdout = pull_and_run(&ctrd, &reference, &image.manifest_digest);
+        let stdout = ctrd.pull_and_run(&reference, &image.manifest_digest);
         assert!(stdout.contains(MSG), "ctr run output: {stdout:?}");
     }
     assert!(
@@ -443,11 +387,6 @@ fn cached_images_survive_upstream_loss_and_offline_mode() {
         "--offline contacted the upstream:\n{}",
         recorder.request_text()
     );
-}
-
-fn start_in(state: &std::path::Path, args: &[String]) -> Daemon {
-    let v: Vec<&str> = args.iter().map(String::as_str).collect();
-    Daemon::start_in(state, &v)
 }
 
 // ---------------------------------------------------------------------------
@@ -538,16 +477,10 @@ fn misbehaving_upstream_is_never_cached_and_fails_loudly() {
         }
         content.reply(req)
     });
-    let mut daemon = start(&[
-        "--default-registry".into(),
-        fake.host_port(),
-        "--upstream".into(),
-        fake.upstream_arg(),
-        "--upstream-timeout".into(),
-        "2".into(),
-        "--tag-ttl".into(),
-        "1".into(),
-    ]);
+    let mut daemon = Daemon::builder()
+        .args(fake.mirror_args())
+        .args(["--upstream-timeout", "2", "--tag-ttl", "1"])
+        .start();
     let state = daemon.state_dir().to_path_buf();
     let addr = daemon.addr();
 
@@ -583,27 +516,7 @@ fn misbehaving_upstream_is_never_cached_and_fails_loudly() {
         let expected = Arc::new(bytes.clone());
         for round in 1..=2 {
             let before = fake.count("GET", &format!("/blobs/{digest}"));
-            let barrier = Arc::new(Barrier::new(clients));
-            let results: Vec<Fetched> = (0..clients)
-                .map(|_| {
-                    let (barrier, expected, path) =
-                        (barrier.clone(), expected.clone(), path.clone());
-                    thread::spawn(move || {
-                        barrier.wait();
-                        fetch(
-                            addr,
-                            "GET",
-                            &path,
-                            &[],
-                            Body::Expect(expected),
-                            Duration::from_secs(30),
-                        )
-                    })
-                })
-                .collect::<Vec<_>>()
-                .into_iter()
-                .map(|c| c.join().unwrap())
-                .collect();
+            let results = fetch_together(addr, &path, &expected, clients, Duration::from_secs(30));
             for (i, r) in results.iter().enumerate() {
                 expect!(
                     !(r.status == 200 && r.complete()),
@@ -690,7 +603,7 @@ fn tls_upstream_needs_its_ca() {
     let dir = tempdir("mirror-tls");
     let pki = tls_pki(&dir.path().join("pki"), &[NAME]);
     let image = busybox_layout(&dir.path().join("img"), "1", "hello-over-tls");
-    let reg = UpstreamRegistry::seeded(
+    let reg = DockerRegistry::seeded(
         RegistryOpts {
             tls: Some((pki.server_cert.clone(), pki.server_key.clone())),
             ..RegistryOpts::default()
@@ -713,7 +626,10 @@ fn tls_upstream_needs_its_ca() {
     let path = manifest_path("library/tls", "1", Some(NAME));
 
     let served_before = reg.count("GET", "/library/tls/manifests/1");
-    let (without, _) = start_isolated(&["--upstream".into(), upstream.clone()], &[]);
+    let without = Daemon::builder()
+        .isolated()
+        .args(["--upstream".into(), upstream.clone()])
+        .start();
     let r = get_manifest(&without, &path);
     assert!(
         matches!(r.status, 404 | 500..=599) && r.elapsed < Duration::from_secs(5),
@@ -728,34 +644,31 @@ fn tls_upstream_needs_its_ca() {
     );
 
     let ca = format!("{NAME}={}", pki.ca_cert.display());
-    let (with, _) = start_isolated(
-        &[
+    let with = Daemon::builder()
+        .isolated()
+        .args([
             "--upstream".into(),
             upstream.clone(),
             "--upstream-ca".into(),
             ca,
-        ],
-        &[],
-    );
+        ])
+        .start();
     assert_serves_image(&with, "library/tls", &image, Some(NAME));
 
     // containerd through the mirror: `server` cannot resolve, so only the
     // daemon can answer.
     let ctrd = Containerd::start();
     ctrd.hosts_dir(NAME, &with.url());
-    let stdout = pull_and_run(
-        &ctrd,
-        &format!("{NAME}/library/tls:1"),
-        &image.manifest_digest,
-    );
+    let stdout = ctrd.pull_and_run(&format!("{NAME}/library/tls:1"), &image.manifest_digest);
     assert!(stdout.contains("hello-over-tls"), "output: {stdout:?}");
 
     // The system store honours SSL_CERT_FILE.
     let ca_file = pki.ca_cert.to_str().unwrap().to_owned();
-    let (via_env, _) = start_isolated(
-        &["--upstream".into(), upstream],
-        &[("SSL_CERT_FILE", &ca_file)],
-    );
+    let via_env = Daemon::builder()
+        .isolated()
+        .args(["--upstream".into(), upstream])
+        .env("SSL_CERT_FILE", &ca_file)
+        .start();
     assert_serves_image(&via_env, "library/tls", &image, Some(NAME));
 }
 
@@ -769,7 +682,7 @@ fn basic_auth_upstream_with_flag_and_docker_config() {
     let htpasswd = dir.path().join("htpasswd");
     htpasswd_file(&htpasswd, USER, PASSWORD);
     let image = busybox_layout(&dir.path().join("img"), "1", "hello-with-basic-auth");
-    let reg = UpstreamRegistry::seeded(
+    let reg = DockerRegistry::seeded(
         RegistryOpts {
             htpasswd: Some(htpasswd),
             ..RegistryOpts::default()
@@ -780,65 +693,62 @@ fn basic_auth_upstream_with_flag_and_docker_config() {
     let creds = format!("{USER}:{PASSWORD}");
     assert_success(
         "skopeo inspect with credentials",
-        &skopeo(&[
-            "inspect",
-            "--raw",
-            "--tls-verify=false",
-            "--creds",
-            &creds,
-            &src,
-        ]),
+        &skopeo_inspect(&src, Some(&creds)),
     );
     assert!(
-        !skopeo(&["inspect", "--raw", "--tls-verify=false", &src])
-            .status
-            .success(),
+        !skopeo_inspect(&src, None).status.success(),
         "the htpasswd registry let skopeo in without credentials"
     );
 
     let host = reg.host_port();
-    let base = vec![
-        "--default-registry".to_owned(),
-        host.clone(),
-        "--upstream".into(),
-        reg.upstream_arg(),
-    ];
-    let with_flag = [
-        base.clone(),
-        vec!["--credential".into(), format!("{host}={creds}")],
-    ]
-    .concat();
-
-    let (d, log) = start_isolated(&with_flag, &[]);
+    let base = reg.mirror_args();
+    let d = Daemon::builder()
+        .isolated()
+        .args(&base)
+        .args(["--credential".into(), format!("{host}={creds}")])
+        .start();
     assert_serves_image(&d, "library/basic", &image, None);
-    assert_no_secret(&log);
+    assert_no_secret(d.log());
 
-    let (d, _) = start_isolated(&base, &[]);
-    let r = get_manifest(&d, "/v2/library/basic/manifests/1");
-    assert!(
-        r.status != 200 && r.elapsed < Duration::from_secs(5),
-        "no credentials: expected a quick failure, got {}",
-        r.summary()
-    );
+    let d = Daemon::builder().isolated().args(&base).start();
+    assert_fails_quickly(&d, "/v2/library/basic/manifests/1", "no credentials");
 
-    let wrong = [
-        base.clone(),
-        vec!["--credential".into(), format!("{host}={USER}:wrong")],
-    ]
-    .concat();
-    let (d, _) = start_isolated(&wrong, &[]);
-    let r = get_manifest(&d, "/v2/library/basic/manifests/1");
-    assert!(
-        r.status != 200 && r.elapsed < Duration::from_secs(5),
-        "wrong password: expected a quick failure, got {}",
-        r.summary()
-    );
+    let d = Daemon::builder()
+        .isolated()
+        .args(&base)
+        .args(["--credential".into(), format!("{host}={USER}:wrong")])
+        .start();
+    assert_fails_quickly(&d, "/v2/library/basic/manifests/1", "wrong password");
 
     let docker_config = docker_config_dir(&dir.path().join("docker"), &host, USER, PASSWORD);
     let docker_config = docker_config.to_str().unwrap().to_owned();
-    let (d, log) = start_isolated(&base, &[("DOCKER_CONFIG", &docker_config)]);
+    let d = Daemon::builder()
+        .isolated()
+        .args(&base)
+        .env("DOCKER_CONFIG", &docker_config)
+        .start();
     assert_serves_image(&d, "library/basic", &image, None);
-    assert_no_secret(&log);
+    assert_no_secret(d.log());
+}
+
+/// `skopeo inspect --raw` of `src` over plain HTTP, with `creds` if given.
+fn skopeo_inspect(src: &str, creds: Option<&str>) -> std::process::Output {
+    let mut args = vec!["inspect", "--raw", "--tls-verify=false"];
+    if let Some(creds) = creds {
+        args.extend(["--creds", creds]);
+    }
+    args.push(src);
+    skopeo(&args)
+}
+
+/// A manifest GET that fails, and quickly (a refused login must not hang).
+fn assert_fails_quickly(daemon: &Daemon, path: &str, what: &str) {
+    let r = get_manifest(daemon, path);
+    assert!(
+        r.status != 200 && r.elapsed < Duration::from_secs(5),
+        "{what}: expected a quick failure, got {}",
+        r.summary()
+    );
 }
 
 /// Neither the password nor the `user:password` base64 appears in the log.
@@ -861,7 +771,7 @@ fn token_auth_upstream_fetches_one_token_for_many_requests() {
     let dir = tempdir("mirror-token");
     let issuer = TokenIssuer::start(&dir.path().join("issuer"), USER, PASSWORD);
     let image = multi_platform_layout(&dir.path().join("img"), "1", "hello-with-a-token");
-    let reg = UpstreamRegistry::seeded(
+    let reg = DockerRegistry::seeded(
         RegistryOpts {
             token: Some(issuer.auth()),
             ..RegistryOpts::default()
@@ -881,36 +791,22 @@ fn token_auth_upstream_fetches_one_token_for_many_requests() {
     let creds = format!("{USER}:{PASSWORD}");
     assert_success(
         "skopeo inspect through the token issuer",
-        &skopeo(&[
-            "inspect",
-            "--raw",
-            "--tls-verify=false",
-            "--creds",
-            &creds,
-            &src,
-        ]),
+        &skopeo_inspect(&src, Some(&creds)),
     );
     assert!(issuer.issued() >= 1, "skopeo got no token");
 
     let host = reg.host_port();
-    let base = vec![
-        "--default-registry".to_owned(),
-        host.clone(),
-        "--upstream".into(),
-        reg.upstream_arg(),
-    ];
+    let base = reg.mirror_args();
 
     // Without credentials the issuer refuses, so the pull fails.
-    let (anon, _) = start_isolated(&base, &[]);
-    let r = get_manifest(&anon, "/v2/library/tokened/manifests/1");
-    assert!(
-        r.status != 200 && r.elapsed < Duration::from_secs(5),
-        "no credentials: expected a quick failure, got {}",
-        r.summary()
-    );
+    let anon = Daemon::builder().isolated().args(&base).start();
+    assert_fails_quickly(&anon, "/v2/library/tokened/manifests/1", "no credentials");
 
-    let args = [base, vec!["--credential".into(), format!("{host}={creds}")]].concat();
-    let (d, log) = start_isolated(&args, &[]);
+    let d = Daemon::builder()
+        .isolated()
+        .args(base)
+        .args(["--credential".into(), format!("{host}={creds}")])
+        .start();
     let issued_before = issuer.issued();
     let upstream_before = reg.access_log().len();
     // Index by tag, both platform manifests by digest, config and layer:
@@ -963,7 +859,7 @@ fn token_auth_upstream_fetches_one_token_for_many_requests() {
             .map(|r| r.target.clone())
             .collect::<Vec<_>>()
     );
-    assert_no_secret(&log);
+    assert_no_secret(d.log());
 }
 
 // ---------------------------------------------------------------------------
@@ -1024,17 +920,14 @@ fn redirect_case(bearer: bool) {
         }
         content.reply(req)
     });
-    let (daemon, log) = start_isolated(
-        &[
-            "--default-registry".into(),
-            origin.host_port(),
-            "--upstream".into(),
-            origin.upstream_arg(),
+    let daemon = Daemon::builder()
+        .isolated()
+        .args(origin.mirror_args())
+        .args([
             "--credential".into(),
             format!("{}={USER}:{PASSWORD}", origin.host_port()),
-        ],
-        &[],
-    );
+        ])
+        .start();
     assert_serves_image(&daemon, "library/redir", &image, None);
 
     let cdn_requests = cdn.requests();
@@ -1074,7 +967,7 @@ fn redirect_case(bearer: bool) {
         );
         assert_eq!(i.issued(), 1, "tokens issued for one repository");
     }
-    assert_no_secret(&log);
+    assert_no_secret(daemon.log());
 }
 
 // ---------------------------------------------------------------------------
@@ -1087,7 +980,7 @@ fn redirect_case(bearer: bool) {
 fn unconfigured_loopback_upstreams_are_refused() {
     let listener = FakeUpstream::start(|_| Reply::ok("application/json", b"{}".to_vec(), None));
     let port = listener.addr().port();
-    let daemon = start(&[]);
+    let daemon = Daemon::start(&[]);
     for host in [
         format!("127.0.0.1:{port}"),
         format!("localhost:{port}"),
@@ -1170,12 +1063,7 @@ fn interrupted_download_resumes_with_range() {
             },
         }
     });
-    let daemon = start(&[
-        "--default-registry".into(),
-        fake.host_port(),
-        "--upstream".into(),
-        fake.upstream_arg(),
-    ]);
+    let daemon = Daemon::builder().args(fake.mirror_args()).start();
     let m = get_manifest(&daemon, "/v2/library/resume/manifests/1");
     assert_eq!(m.status, 200, "manifest: {}", m.summary());
     let r = fetch(
@@ -1219,7 +1107,7 @@ fn interrupted_download_resumes_with_range() {
 
 #[test]
 fn conformance_essentials_on_proxied_images() {
-    let reg = UpstreamRegistry::start_plain();
+    let reg = DockerRegistry::start();
     let dir = tempdir("mirror-conf");
     let oci = busybox_layout(&dir.path().join("oci"), "1", "conf-oci");
     let multi = multi_platform_layout(&dir.path().join("multi"), "1", "conf-multi");
@@ -1241,12 +1129,7 @@ fn conformance_essentials_on_proxied_images() {
         ]),
     );
     let host = reg.host_port();
-    let daemon = start(&[
-        "--default-registry".into(),
-        host.clone(),
-        "--upstream".into(),
-        reg.upstream_arg(),
-    ]);
+    let daemon = Daemon::builder().args(reg.mirror_args()).start();
     let addr = daemon.addr();
     let r = get(addr, "/v2/", &[]);
     assert_eq!(r.status, 200, "GET /v2/: {}", r.summary());
@@ -1263,7 +1146,8 @@ fn conformance_essentials_on_proxied_images() {
             &[("Accept", ACCEPT_MANIFESTS)],
         );
         assert!(
-            upstream.status == 200 && upstream.header("content-type") == Some(media_type),
+            upstream.status == 200
+                && upstream.header("content-type").as_deref() == Some(media_type),
             "upstream {repo}: {}",
             upstream.summary()
         );
@@ -1312,7 +1196,7 @@ fn conformance_essentials_on_proxied_images() {
     assert!(
         r.status == 200
             && r.body == bytes
-            && r.header("docker-content-digest") == Some(layer.as_str()),
+            && r.header("docker-content-digest").as_deref() == Some(layer.as_str()),
         "GET {path}: {}",
         r.status
     );
@@ -1331,8 +1215,8 @@ fn conformance_essentials_on_proxied_images() {
     assert!(
         head.status == 200
             && head.body.is_empty()
-            && head.header("content-length") == Some(size.to_string().as_str())
-            && head.header("docker-content-digest") == Some(layer.as_str()),
+            && head.header("content-length").as_deref() == Some(size.to_string().as_str())
+            && head.header("docker-content-digest").as_deref() == Some(layer.as_str()),
         "HEAD {path}: {}",
         head.summary()
     );
@@ -1357,7 +1241,7 @@ fn conformance_essentials_on_proxied_images() {
         let content_range = format!("bytes {start}-{end}/{size}");
         assert!(
             r.status == 206
-                && r.header("content-range") == Some(content_range.as_str())
+                && r.header("content-range").as_deref() == Some(content_range.as_str())
                 && r.body == bytes[start..=end],
             "Range {range}: expected 206 with Content-Range {content_range}, got HTTP {} {:?}, {} bytes",
             r.status,
@@ -1392,7 +1276,7 @@ fn conformance_essentials_on_proxied_images() {
     );
 }
 
-fn check_manifest_response(path: &str, r: &Fetched, digest: &str, media_type: &str, bytes: &[u8]) {
+fn check_manifest_response(path: &str, r: &Response, digest: &str, media_type: &str, bytes: &[u8]) {
     assert!(
         r.status == 200 && r.complete() && r.body == bytes,
         "GET {path}: expected the upstream's {} bytes of {digest}, got {}",
@@ -1400,18 +1284,18 @@ fn check_manifest_response(path: &str, r: &Fetched, digest: &str, media_type: &s
         r.summary()
     );
     assert_eq!(
-        r.header("docker-content-digest"),
+        r.header("docker-content-digest").as_deref(),
         Some(digest),
         "GET {path}: Docker-Content-Digest"
     );
     assert_eq!(
-        r.header("content-type"),
+        r.header("content-type").as_deref(),
         Some(media_type),
         "GET {path}: Content-Type"
     );
     assert_eq!(
         r.header("content-length"),
-        Some(bytes.len().to_string().as_str()),
+        Some(bytes.len().to_string()),
         "GET {path}: Content-Length"
     );
 }

@@ -22,14 +22,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-/// The tests' package set, handed to the daemon as `--pkgs-path`.
-const PKGS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pkgs");
-
-/// What containerd 1.6 sends when it resolves a tag.
-const CONTAINERD_ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, */*";
-
-const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
-
 /// The line the daemon logs once per build.
 const BUILT: &str = "built Nix image";
 
@@ -38,26 +30,6 @@ const HELLO_OUT: &str = "Hello from nix";
 const LIBFOO_OUT: &str = "libfoo data";
 /// The tail of `broken`'s build log.
 const BROKEN_MSG: &str = "about to fail: this is the useful tail";
-
-fn require_nix() {
-    require("nix-build");
-    require("nix-store");
-    require("busybox");
-}
-
-/// The Nix options every daemon and `build` in this file gets, plus `extra`.
-fn nix_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec!["--pkgs-path", PKGS, "--nix-option", "substituters="];
-    v.extend_from_slice(extra);
-    v
-}
-
-/// A daemon serving Nix images from the tests' package set on a fresh state
-/// directory, with its log captured.
-fn nix_daemon(extra: &[&str]) -> (Daemon, DaemonLog) {
-    require_nix();
-    Daemon::start_logged(&nix_args(extra), &[])
-}
 
 fn get_accept(d: &Daemon, path: &str, accept: &str) -> Response {
     request(d.addr(), "GET", path, &[("Accept", accept)])
@@ -253,6 +225,22 @@ fn closure(attrs: &[&str]) -> BTreeSet<String> {
         .collect()
 }
 
+/// The `Env` of `holder` (`skopeo inspect` output or an image config's
+/// `config`) sets `PATH` and points `SSL_CERT_FILE` at the CA bundle.
+fn assert_nix_env(holder: &Value) {
+    let env: Vec<&str> = holder["Env"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no Env: {holder}"))
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(env.iter().any(|e| e.starts_with("PATH=")), "Env {env:?}");
+    assert!(
+        env.contains(&"SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt"),
+        "Env {env:?}"
+    );
+}
+
 /// `errors[0].message` of an error response.
 fn error_message(r: &Response) -> String {
     serde_json::from_slice::<Value>(&r.body)
@@ -275,20 +263,9 @@ fn build_cmd(state: &Path, name: &str) -> std::process::Output {
 /// Pulls `reference` (a `nix.local/…` name) and checks containerd recorded
 /// the digest the daemon serves to containerd for `repo_query`.
 fn ctr_pull(ctrd: &Containerd, d: &Daemon, reference: &str, repo_query: &str) {
-    let out = ctrd.pull(reference, &[]);
-    assert_success(&format!("ctr images pull {reference}"), &out);
-    let (digest, _, _) = manifest(d, repo_query, CONTAINERD_ACCEPT);
-    let listing = ctrd.ctr_ok(&["images", "ls", &format!("name=={reference}")]);
-    assert!(
-        listing.contains(&digest),
-        "containerd's {reference} is not {digest}:\n{listing}"
-    );
-}
-
-fn ctr_run(ctrd: &Containerd, reference: &str, args: &[&str]) -> String {
-    let out = ctrd.run_args(reference, args);
-    assert_success(&format!("ctr run {reference} {args:?}"), &out);
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    ctrd.pull_ok(reference);
+    let (digest, _, _) = manifest(d, repo_query, ACCEPT_MANIFESTS);
+    ctrd.assert_image(reference, &digest);
 }
 
 // ---------------------------------------------------------------------------
@@ -304,7 +281,7 @@ fn containerd_pulls_and_runs_nix_local_images() {
     ctrd.hosts_dir_with_server("nix.local", "https://127.0.0.1:1", &d.url());
 
     ctr_pull(&ctrd, &d, "nix.local/hello:latest", "hello?ns=nix.local");
-    let out = ctr_run(&ctrd, "nix.local/hello:latest", &["hello"]);
+    let out = ctrd.run_ok("nix.local/hello:latest", &["hello"]);
     assert!(out.contains(HELLO_OUT), "hello printed {out:?}");
 
     ctr_pull(
@@ -313,19 +290,14 @@ fn containerd_pulls_and_runs_nix_local_images() {
         "nix.local/shell/greet:latest",
         "shell/greet?ns=nix.local",
     );
-    let out = ctr_run(
-        &ctrd,
-        "nix.local/shell/greet:latest",
-        &["bash", "-c", "greet"],
-    );
+    let out = ctrd.run_ok("nix.local/shell/greet:latest", &["bash", "-c", "greet"]);
     assert!(
         out.contains(HELLO_OUT) && out.contains(LIBFOO_OUT),
         "greet printed {out:?}"
     );
     // The customisation layer: /tmp (1777), /usr/bin/env, the CA bundle,
     // and the config's Env.
-    let out = ctr_run(
-        &ctrd,
+    let out = ctrd.run_ok(
         "nix.local/shell/greet:latest",
         &[
             "sh",
@@ -389,7 +361,7 @@ fn zstd_and_uncompressed_layers_pull_and_run() {
         let ctrd = Containerd::start();
         ctrd.hosts_dir_with_server("nix.local", "https://127.0.0.1:1", &d.url());
         ctr_pull(&ctrd, &d, "nix.local/hello:latest", "hello?ns=nix.local");
-        let out = ctr_run(&ctrd, "nix.local/hello:latest", &["hello"]);
+        let out = ctrd.run_ok("nix.local/hello:latest", &["hello"]);
         assert!(
             out.contains(HELLO_OUT),
             "{compression}: hello printed {out:?}"
@@ -435,17 +407,7 @@ fn skopeo_copies_and_verifies_a_nix_image() {
     let out = skopeo(&["inspect", "--tls-verify=false", &src]);
     assert_success(&format!("skopeo inspect {src}"), &out);
     let v: Value = serde_json::from_slice(&out.stdout).expect("inspect JSON");
-    let env: Vec<&str> = v["Env"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no Env: {v}"))
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    assert!(env.iter().any(|e| e.starts_with("PATH=")), "Env {env:?}");
-    assert!(
-        env.contains(&"SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt"),
-        "Env {env:?}"
-    );
+    assert_nix_env(&v);
     assert_eq!(
         v["Layers"].as_array().map(Vec::len),
         Some(ls.len()),
@@ -525,17 +487,7 @@ fn conformance_essentials_on_a_nix_image() {
     assert_eq!(config["architecture"], host_arch(), "{config}");
     assert_eq!(config["os"], "linux", "{config}");
     assert_eq!(config["rootfs"]["type"], "layers", "{config}");
-    let env: Vec<&str> = config["config"]["Env"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no Env: {config}"))
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    assert!(env.iter().any(|e| e.starts_with("PATH=")), "Env {env:?}");
-    assert!(
-        env.contains(&"SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt"),
-        "Env {env:?}"
-    );
+    assert_nix_env(&config["config"]);
     let diff_ids = config["rootfs"]["diff_ids"].as_array().unwrap();
     assert_eq!(diff_ids.len(), bytes.len(), "diff_ids vs layers: {config}");
     let non_empty_history = config["history"]
@@ -880,13 +832,19 @@ fn restarted_daemon_serves_cached_image_without_nix() {
     let dir = tempdir("nix-restart");
     let state = dir.path().join("state");
     let args = nix_args(&[]);
-    let (d, log) = Daemon::start_in_logged(&state, &args, &[]);
+    let d = Daemon::start_in(&state, &args);
+    let log = d.log().clone();
     let before = snapshot(&d, "nix/greet");
     assert_eq!(log.count(BUILT), 1, "{}", log.text());
     d.stop();
 
     // No Nix on PATH: anything that needs Nix fails.
-    let (d, log) = Daemon::start_in_logged(&state, &args, &[("PATH", "/nonexistent")]);
+    let d = Daemon::builder()
+        .state_dir(&state)
+        .args(&args)
+        .env("PATH", "/nonexistent")
+        .start();
+    let log = d.log();
     let after = snapshot(&d, "nix/greet");
     assert_eq!(before[0].0, after[0].0, "OCI manifest digest changed");
     assert!(before[0].1 == after[0].1, "OCI manifest bytes changed");
@@ -929,7 +887,12 @@ fn build_command_warms_the_cache() {
         assert!(stdout.contains(name), "{name} not in the table:\n{stdout}");
     }
 
-    let (d, log) = Daemon::start_in_logged(&state, &nix_args(&[]), &[("PATH", "/nonexistent")]);
+    let d = Daemon::builder()
+        .state_dir(&state)
+        .args(nix_args(&[]))
+        .env("PATH", "/nonexistent")
+        .start();
+    let log = d.log();
     let [(oci, _), (docker, _)] = snapshot(&d, "nix/greet");
     assert!(
         digest == oci || digest == docker,

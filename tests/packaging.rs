@@ -28,33 +28,8 @@ fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
-
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `require` for tools whose Debian package has another name.
-fn require_tool(cmd: &str, package: &str) {
-    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .any(|d| d.join(cmd).is_file());
-    assert!(
-        found,
-        "prerequisite {cmd} missing: install with apt-get install {package}"
-    );
-}
-
-fn run(cmd: &mut Command, timeout_secs: u64) -> Output {
-    output_timeout(cmd, Duration::from_secs(timeout_secs))
-}
-
-fn run_ok(what: &str, cmd: &mut Command, timeout_secs: u64) -> String {
-    let out = run(cmd, timeout_secs);
-    assert_success(what, &out);
-    stdout(&out)
 }
 
 /// The lines of a config file that are not comments: what a client reads.
@@ -72,11 +47,11 @@ fn without_comments(text: &str) -> String {
 /// `dpkg ARGS` with a non-interactive frontend (5 min limit: dpkg waits for
 /// nothing, but a slow disk is not a failure).
 fn dpkg(args: &[&str]) -> Output {
-    run(
+    output_timeout(
         Command::new("dpkg")
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive"),
-        300,
+        Duration::from_secs(300),
     )
 }
 
@@ -89,9 +64,9 @@ fn dpkg_ok(args: &[&str]) -> String {
 /// The package's dpkg status, e.g. "install ok installed"; None when dpkg
 /// knows nothing of it.
 fn package_status() -> Option<String> {
-    let out = run(
+    let out = output_timeout(
         Command::new("dpkg-query").args(["-W", "-f=${Status}", PACKAGE]),
-        60,
+        Duration::from_secs(60),
     );
     let status = stdout(&out);
     (out.status.success() && !status.contains("not-installed")).then_some(status)
@@ -105,26 +80,6 @@ impl Drop for Purge {
     fn drop(&mut self) {
         let _ = dpkg(&["--purge", PACKAGE]);
     }
-}
-
-/// `systemd-analyze [--user] verify UNITS`: succeeds and says nothing.
-fn verify_units(user: bool, units: &[&str]) {
-    let runtime = tempdir("nl-xdg-runtime");
-    let mut cmd = Command::new("systemd-analyze");
-    if user {
-        cmd.arg("--user");
-    }
-    cmd.arg("verify")
-        .args(units)
-        .env("XDG_RUNTIME_DIR", runtime.path())
-        .env("SYSTEMD_LOG_COLOR", "0");
-    let out = run(&mut cmd, 60);
-    assert_success("systemd-analyze verify", &out);
-    let said = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
-    assert!(
-        said.trim().is_empty(),
-        "systemd-analyze verify {units:?}: {said}"
-    );
 }
 
 /// Links `deb-systemd-helper enable` makes (and `purge` removes).
@@ -158,7 +113,7 @@ fn build_deb(dir: &Path) -> PathBuf {
     let arch = run_ok(
         "dpkg --print-architecture",
         Command::new("dpkg").arg("--print-architecture"),
-        30,
+        Duration::from_secs(30),
     );
     let out = run_ok(
         "packaging/build-deb.sh",
@@ -166,7 +121,7 @@ fn build_deb(dir: &Path) -> PathBuf {
             .args(["--binary", bin(), "--out-dir", s(dir)])
             // Fast to build in a test; the default (xz) is for releases.
             .args(["--compression", "gzip"]),
-        300,
+        Duration::from_secs(300),
     );
     let deb = PathBuf::from(out.lines().last().expect("the script prints the .deb path"));
     assert_eq!(
@@ -184,7 +139,7 @@ fn check_deb_metadata(deb: &Path) {
         run_ok(
             "dpkg-deb --field",
             Command::new("dpkg-deb").arg("--field").arg(deb).arg(name),
-            30,
+            Duration::from_secs(30),
         )
         .trim()
         .to_owned()
@@ -199,7 +154,7 @@ fn check_deb_metadata(deb: &Path) {
     let info = run_ok(
         "dpkg-deb --info",
         Command::new("dpkg-deb").arg("--info").arg(deb),
-        30,
+        Duration::from_secs(30),
     );
     // `*` marks an executable control member.
     for script in ["postinst", "prerm", "postrm"] {
@@ -215,7 +170,7 @@ fn check_deb_metadata(deb: &Path) {
             .arg("--info")
             .arg(deb)
             .arg("conffiles"),
-        30,
+        Duration::from_secs(30),
     );
     assert_eq!(conffiles, "/etc/nixery-local/config.toml\n");
 
@@ -223,7 +178,7 @@ fn check_deb_metadata(deb: &Path) {
     let contents = run_ok(
         "dpkg-deb --contents",
         Command::new("dpkg-deb").arg("--contents").arg(deb),
-        30,
+        Duration::from_secs(30),
     );
     let entries: BTreeMap<String, (String, String)> = contents
         .lines()
@@ -266,7 +221,7 @@ fn debian_package_builds_installs_removes_and_purges() {
         ("deb-systemd-helper", "init-system-helpers"),
         ("systemd-analyze", "systemd"),
     ] {
-        require_tool(tool, package);
+        require_from(tool, package);
     }
 
     let out_dir = tempdir("nl-deb");
@@ -283,7 +238,7 @@ fn debian_package_builds_installs_removes_and_purges() {
     let version = run_ok(
         "nixery-local --version",
         Command::new("/usr/bin/nixery-local").arg("--version"),
-        30,
+        Duration::from_secs(30),
     );
     assert_eq!(version.trim(), format!("nixery-local {VERSION}"));
 
@@ -300,7 +255,7 @@ fn debian_package_builds_installs_removes_and_purges() {
     let passwd = run_ok(
         "getent passwd nixery-local",
         Command::new("getent").args(["passwd", PACKAGE]),
-        30,
+        Duration::from_secs(30),
     );
     let fields: Vec<&str> = passwd.trim().split(':').collect();
     let uid: u32 = fields[2].parse().expect("uid");
@@ -309,13 +264,16 @@ fn debian_package_builds_installs_removes_and_purges() {
     let groups = run_ok(
         "id -nG nixery-local",
         Command::new("id").args(["-nG", PACKAGE]),
-        30,
+        Duration::from_secs(30),
     );
     let groups: Vec<&str> = groups.split_whitespace().collect();
     assert!(groups.contains(&PACKAGE), "{groups:?}");
-    let has_nix_users = run(Command::new("getent").args(["group", "nix-users"]), 30)
-        .status
-        .success();
+    let has_nix_users = output_timeout(
+        Command::new("getent").args(["group", "nix-users"]),
+        Duration::from_secs(30),
+    )
+    .status
+    .success();
     assert_eq!(groups.contains(&"nix-users"), has_nix_users, "{groups:?}");
 
     // The config is the service's to read, and nobody else's.
@@ -326,7 +284,7 @@ fn debian_package_builds_installs_removes_and_purges() {
     let group = run_ok(
         "getent group nixery-local",
         Command::new("getent").args(["group", PACKAGE]),
-        30,
+        Duration::from_secs(30),
     );
     assert_eq!(
         group
@@ -353,7 +311,7 @@ fn debian_package_builds_installs_removes_and_purges() {
     let out = run_ok(
         "nixery-local setup containerd --config /etc/nixery-local/config.toml",
         Command::new("/usr/bin/nixery-local").args(setup),
-        30,
+        Duration::from_secs(30),
     );
     assert!(out.contains("[host.\"http://127.0.0.1:7733\"]"), "{out}");
     run_ok(
@@ -361,27 +319,27 @@ fn debian_package_builds_installs_removes_and_purges() {
         Command::new("runuser")
             .args(["-u", PACKAGE, "--", "/usr/bin/nixery-local"])
             .args(setup),
-        30,
+        Duration::from_secs(30),
     );
 
     // The installed units verify (ExecStart= names the installed binary).
-    verify_units(
+    systemd_verify(
         false,
         &[
             "/lib/systemd/system/nixery-local.service",
             "/lib/systemd/system/nixery-local.socket",
         ],
     );
-    verify_units(true, &["/usr/lib/systemd/user/nixery-local.service"]);
+    systemd_verify(true, &["/usr/lib/systemd/user/nixery-local.service"]);
     // Enabled (the service's Also= brings the socket), even without a
     // running systemd; started only with one.
     for link in ENABLE_LINKS {
         assert!(exists(link), "{link} missing: not enabled");
     }
     if Path::new("/run/systemd/system").is_dir() {
-        let out = run(
+        let out = output_timeout(
             Command::new("systemctl").args(["is-active", "nixery-local.socket"]),
-            30,
+            Duration::from_secs(30),
         );
         assert_eq!(stdout(&out).trim(), "active", "the socket was not started");
     }
@@ -422,7 +380,7 @@ fn debian_package_builds_installs_removes_and_purges() {
     let overrides = run_ok(
         "dpkg-statoverride --list",
         Command::new("dpkg-statoverride").arg("--list"),
-        30,
+        Duration::from_secs(30),
     );
     assert!(!overrides.contains(config), "{overrides}");
 }
@@ -458,12 +416,12 @@ fn nix_files() -> Vec<PathBuf> {
 /// parsed JSON. Evaluation only: nothing is built or written to the store.
 fn nix_eval(args: &[&str]) -> Value {
     require("nix-instantiate");
-    let out = run(
+    let out = output_timeout(
         Command::new("nix-instantiate")
             .args(["--eval", "--strict", "--json"])
             .args(args)
             .current_dir(repo()),
-        120,
+        Duration::from_secs(120),
     );
     assert_success(&format!("nix-instantiate --eval {}", args.join(" ")), &out);
     serde_json::from_slice(&out.stdout).expect("nix-instantiate printed JSON")
@@ -495,7 +453,7 @@ fn every_nix_file_parses() {
         run_ok(
             &format!("nix-instantiate --parse {}", file.display()),
             Command::new("nix-instantiate").arg("--parse").arg(&file),
-            60,
+            Duration::from_secs(60),
         );
     }
 }
@@ -507,7 +465,7 @@ fn setup_dry_run(args: &[&str]) -> BTreeMap<String, String> {
         Command::new(bin())
             .args(["setup", "containerd", "--dry-run", "--hosts-dir", "/hosts"])
             .args(args),
-        30,
+        Duration::from_secs(30),
     );
     // "would create /hosts/HOST/hosts.toml:" then the content, up to the
     // next "would …" or the final "dry run: …".
@@ -646,7 +604,7 @@ fn nix_config_file_is_accepted_by_the_daemon() {
                 "--config",
             ])
             .arg(&config),
-        30,
+        Duration::from_secs(30),
     );
     assert!(out.contains("[host.\"http://127.0.0.1:7744\"]"), "{out}");
 }

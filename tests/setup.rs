@@ -30,9 +30,11 @@ fn fixture() -> &'static Fixture {
         let state = dir.join("state");
         let hub = busybox_layout(&dir.join("hub"), "1", HUB_MSG);
         let ghcr = busybox_layout(&dir.join("ghcr"), "1", GHCR_MSG);
-        import_ok(&state, &hub, "docker.io/library/hello:1");
-        import_ok(&state, &ghcr, "ghcr.io/acme/hello:1");
-        let daemon = Daemon::start_in(&state, &[]);
+        let daemon = Daemon::builder()
+            .state_dir(&state)
+            .import(&hub, "docker.io/library/hello:1")
+            .import(&ghcr, "ghcr.io/acme/hello:1")
+            .start();
         Fixture { daemon, hub, ghcr }
     })
 }
@@ -49,10 +51,6 @@ fn setup_ok(args: &[&str]) -> String {
     let out = setup(args);
     assert_success(&format!("setup {}", args.join(" ")), &out);
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
 }
 
 /// Every file under `dir` (relative path) with its content, sorted by path.
@@ -92,17 +90,7 @@ fn containerd_pulls_through_the_hosts_toml_setup_writes() {
         ("docker.io/library/hello:1", &f.hub, HUB_MSG),
         ("ghcr.io/acme/hello:1", &f.ghcr, GHCR_MSG),
     ] {
-        let out = ctrd.pull(reference, &[]);
-        assert_success(&format!("ctr images pull {reference}"), &out);
-        let listing = ctrd.ctr_ok(&["images", "ls", &format!("name=={reference}")]);
-        assert!(
-            listing.contains(&image.manifest_digest),
-            "containerd's {reference} is not {}:\n{listing}",
-            image.manifest_digest
-        );
-        let out = ctrd.run(reference);
-        assert_success(&format!("ctr run {reference}"), &out);
-        let said = String::from_utf8_lossy(&out.stdout);
+        let said = ctrd.pull_and_run(reference, &image.manifest_digest);
         assert!(said.contains(message), "ctr run {reference}: {said:?}");
     }
 

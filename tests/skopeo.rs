@@ -10,44 +10,19 @@ use std::sync::OnceLock;
 use common::*;
 use serde_json::Value;
 
-struct Fixture {
-    daemon: Daemon,
-    oci: TestImage,
-    docker: TestImage,
-    multi: TestImage,
-}
-
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
+fn fixture() -> &'static ImageFixture {
+    static F: OnceLock<ImageFixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = scratch_dir("skopeo");
-        let state = dir.join("state");
-        let oci = busybox_layout(&dir.join("oci"), "1", "skopeo-oci");
-        let docker = docker_v2_layout(&dir.join("docker"), "1", "skopeo-docker");
-        let multi = multi_platform_layout(&dir.join("multi"), "1", "skopeo-multi");
-        let ghcr = busybox_layout(&dir.join("ghcr"), "1", "skopeo-ghcr");
-        import_ok(&state, &oci, "docker.io/library/hello:1");
-        import_ok(&state, &docker, "docker.io/library/hello-docker:1");
-        import_ok(&state, &multi, "docker.io/library/hello-multi:1");
-        import_ok(&state, &ghcr, "ghcr.io/acme/only-on-ghcr:1");
-        let daemon = Daemon::start_in(&state, &[]);
-        Fixture {
-            daemon,
-            oci,
-            docker,
-            multi,
-        }
+        ImageFixture::start(
+            "skopeo",
+            ["skopeo-oci", "skopeo-docker", "skopeo-multi", "skopeo-ghcr"],
+            "ghcr.io/acme/only-on-ghcr:1",
+        )
     })
 }
 
 fn src(repo_tag: &str) -> String {
     format!("docker://{}/{repo_tag}", fixture().daemon.host_port())
-}
-
-fn skopeo_ok(args: &[&str]) -> Vec<u8> {
-    let out = skopeo(args);
-    assert_success(&format!("skopeo {}", args.join(" ")), &out);
-    out.stdout
 }
 
 /// Every blob of an OCI layout hashes to its file name; returns the
@@ -61,6 +36,21 @@ fn verify_layout(dir: &Path) -> String {
     }
     let index: Value = serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
     index["manifests"][0]["digest"].as_str().unwrap().to_owned()
+}
+
+/// `skopeo copy EXTRA… docker://DAEMON/REPO_TAG oci:DIR:copied` into a
+/// fresh directory, verified with [`verify_layout`]; returns the directory
+/// and the digest its `index.json` points at.
+fn copy_to_layout(repo_tag: &str, extra: &[&str]) -> (tempfile::TempDir, String) {
+    let out = tempdir("skopeo-out");
+    let dest = format!("oci:{}:copied", out.path().display());
+    let src = src(repo_tag);
+    let mut args = vec!["copy"];
+    args.extend_from_slice(extra);
+    args.extend(["--src-tls-verify=false", &src, &dest]);
+    skopeo_ok(&args);
+    let top = verify_layout(out.path());
+    (out, top)
 }
 
 #[test]
@@ -133,15 +123,7 @@ fn inspect_of_other_registry_image_fails_without_ns() {
 #[test]
 fn copy_to_oci_layout_preserves_digests() {
     let f = fixture();
-    let out = tempdir("skopeo-out");
-    let dest = format!("oci:{}:copied", out.path().display());
-    skopeo_ok(&[
-        "copy",
-        "--src-tls-verify=false",
-        &src("library/hello:1"),
-        &dest,
-    ]);
-    let top = verify_layout(out.path());
+    let (out, top) = copy_to_layout("library/hello:1", &[]);
     assert_eq!(top, f.oci.manifest_digest);
     for digest in f.oci.layer_digests.iter().chain([&f.oci.config_digest]) {
         assert_eq!(
@@ -158,15 +140,7 @@ fn copy_to_oci_layout_preserves_digests() {
 #[test]
 fn copy_docker_v2_image_to_oci_layout() {
     let f = fixture();
-    let out = tempdir("skopeo-out");
-    let dest = format!("oci:{}:copied", out.path().display());
-    skopeo_ok(&[
-        "copy",
-        "--src-tls-verify=false",
-        &src("library/hello-docker:1"),
-        &dest,
-    ]);
-    verify_layout(out.path());
+    let (out, _) = copy_to_layout("library/hello-docker:1", &[]);
     for digest in &f.docker.layer_digests {
         assert!(
             blob_path(out.path(), digest).exists(),
@@ -178,16 +152,7 @@ fn copy_docker_v2_image_to_oci_layout() {
 #[test]
 fn copy_all_platforms_preserves_index() {
     let f = fixture();
-    let out = tempdir("skopeo-out");
-    let dest = format!("oci:{}:copied", out.path().display());
-    skopeo_ok(&[
-        "copy",
-        "--all",
-        "--src-tls-verify=false",
-        &src("library/hello-multi:1"),
-        &dest,
-    ]);
-    let top = verify_layout(out.path());
+    let (out, top) = copy_to_layout("library/hello-multi:1", &["--all"]);
     assert_eq!(top, f.multi.manifest_digest);
     for p in &f.multi.platforms {
         assert_eq!(

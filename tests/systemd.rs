@@ -7,31 +7,18 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::mpsc;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
 const SHIPPED_EXEC: &str = "/usr/bin/nixery-local";
-
-/// `require` would name a package `systemd-analyze`; it ships in `systemd`.
-fn require_systemd_analyze() {
-    let found = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/bin")])
-        .any(|d| d.join("systemd-analyze").is_file());
-    assert!(
-        found,
-        "prerequisite systemd-analyze missing: install with apt-get install systemd"
-    );
-}
 
 fn unit(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -56,43 +43,19 @@ fn with_test_binary(shipped: &Path, dir: &Path) -> PathBuf {
     path
 }
 
-/// `systemd-analyze [--user] verify UNITS…`: exits 0 and says nothing (it
-/// reports unknown keys and bad values as warnings with status 0).
-fn verify(user: bool, units: &[PathBuf]) {
-    require_systemd_analyze();
-    let runtime = tempdir("nl-xdg-runtime");
-    let mut cmd = Command::new("systemd-analyze");
-    if user {
-        cmd.arg("--user");
-    }
-    cmd.arg("verify")
-        .args(units)
-        // A user manager needs a runtime dir even offline.
-        .env("XDG_RUNTIME_DIR", runtime.path())
-        .env("SYSTEMD_LOG_COLOR", "0");
-    let out = output_timeout(&mut cmd, Duration::from_secs(60));
-    assert_success("systemd-analyze verify", &out);
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(said.trim().is_empty(), "systemd-analyze verify: {said}");
-}
-
 #[test]
 fn system_units_verify() {
     let dir = tempdir("nl-units");
     let service = with_test_binary(&unit("nixery-local.service"), dir.path());
     let socket = with_test_binary(&unit("nixery-local.socket"), dir.path());
-    verify(false, &[service, socket]);
+    systemd_verify(false, &[service, socket]);
 }
 
 #[test]
 fn user_unit_verifies() {
     let dir = tempdir("nl-user-units");
     let service = with_test_binary(&unit("user/nixery-local.service"), dir.path());
-    verify(true, &[service]);
+    systemd_verify(true, &[service]);
 }
 
 #[test]
@@ -118,7 +81,7 @@ fn shipped_units_name_the_packaged_paths() {
 /// The hardening holds up in systemd's own review: `OK` or better.
 #[test]
 fn system_service_is_hardened() {
-    require_systemd_analyze();
+    require("systemd-analyze");
     let dir = tempdir("nl-units");
     let service = with_test_binary(&unit("nixery-local.service"), dir.path());
     let out = output_timeout(
@@ -137,7 +100,7 @@ fn system_service_is_hardened() {
 
 /// A daemon child that is killed if the test fails.
 struct Activated {
-    child: Option<Child>,
+    proc: Proc,
     /// Lines of stdout.
     stdout: mpsc::Receiver<String>,
 }
@@ -162,17 +125,11 @@ impl Activated {
             // Only what the test passes, not the test runner's own.
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // SAFETY: only async-signal-safe calls (prctl, fcntl, dup2) between
-        // fork and exec.
+            .envs(env.iter().copied());
+        // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork
+        // and exec.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
                 if let Some(fd) = fd {
                     // dup2 clears FD_CLOEXEC on the copy, but is a no-op
                     // when the listener already is fd 3.
@@ -188,27 +145,13 @@ impl Activated {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().expect("spawn nixery-local serve");
-        let stderr = child.stderr.take().expect("stderr");
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[daemon] {line}");
-            }
-        });
+        let mut proc = Proc::spawn(cmd);
+        forward_lines("daemon".into(), proc.stderr(), |_| {});
         let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().expect("stdout");
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                eprintln!("[daemon stdout] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
+        forward_lines("daemon stdout".into(), proc.stdout(), move |line| {
+            let _ = tx.send(line.to_owned());
         });
-        Activated {
-            child: Some(child),
-            stdout: rx,
-        }
+        Activated { proc, stdout: rx }
     }
 
     /// The address in the daemon's `listening on` line.
@@ -223,39 +166,13 @@ impl Activated {
             .expect("an address")
     }
 
-    fn pid(&self) -> libc::pid_t {
-        self.child.as_ref().expect("running").id() as libc::pid_t
-    }
-
     fn wait(&mut self, timeout: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("the daemon did not exit within {timeout:?}");
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
+        self.proc.wait_or_panic(timeout, "the daemon")
     }
 
     fn terminate(&mut self) -> ExitStatus {
-        // SAFETY: kill(2) on our own unreaped child.
-        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        self.proc.signal(libc::SIGTERM);
         self.wait(Duration::from_secs(15))
-    }
-}
-
-impl Drop for Activated {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
@@ -346,8 +263,7 @@ fn socket_activation_and_notifications() {
     notify.until("WATCHDOG=1");
     notify.until("WATCHDOG=1");
 
-    // SAFETY: kill(2) on our own unreaped child.
-    unsafe { libc::kill(daemon.pid(), libc::SIGTERM) };
+    daemon.proc.signal(libc::SIGTERM);
     let before_stopping = notify.until("STOPPING=1");
     assert!(
         before_stopping

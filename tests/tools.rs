@@ -6,17 +6,6 @@ use std::process::Command;
 
 use common::*;
 
-fn nix_args(state: &str) -> Vec<String> {
-    vec![
-        "--state-dir".into(),
-        state.into(),
-        "--pkgs-path".into(),
-        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pkgs").into(),
-        "--nix-option".into(),
-        "substituters=".into(),
-    ]
-}
-
 #[test]
 fn prefetched_images_are_served_offline_without_nix_or_upstream() {
     require("nix-build");
@@ -28,8 +17,8 @@ fn prefetched_images_are_served_offline_without_nix_or_upstream() {
     let up = upstream.host_port();
     skopeo_push(&image, &format!("docker://{up}/library/hello:1"));
 
-    let mut args: Vec<String> = vec!["prefetch".into()];
-    args.extend(nix_args(s));
+    let mut args: Vec<String> = vec!["prefetch".into(), "--state-dir".into(), s.into()];
+    args.extend(nix_args(&[]).into_iter().map(String::from));
     args.extend([
         "--upstream".into(),
         format!("{up}=http://{up}"),
@@ -52,15 +41,11 @@ fn prefetched_images_are_served_offline_without_nix_or_upstream() {
     drop(upstream);
 
     // Offline, and with no Nix on PATH: everything comes from the cache.
-    let (daemon, _log) = Daemon::start_in_logged(
-        state.path(),
-        &[
-            "--offline",
-            "--pkgs-path",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pkgs"),
-        ],
-        &[("PATH", "/nonexistent")],
-    );
+    let daemon = Daemon::builder()
+        .state_dir(state.path())
+        .args(["--offline", "--pkgs-path", PKGS])
+        .env("PATH", "/nonexistent")
+        .start();
     let r = request(
         daemon.addr(),
         "GET",
@@ -100,7 +85,6 @@ fn doctor_reports_the_daemon_and_how_to_fix_what_is_missing() {
     let s = state.path().to_str().expect("utf8");
     let daemon = Daemon::start_in(state.path(), &[]);
     let listen = daemon.host_port();
-    let pkgs = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/pkgs");
     let doctor = |listen: &str| {
         Command::new(bin())
             .args([
@@ -110,7 +94,7 @@ fn doctor_reports_the_daemon_and_how_to_fix_what_is_missing() {
                 "--listen",
                 listen,
                 "--pkgs-path",
-                pkgs,
+                PKGS,
             ])
             .output()
             .expect("run doctor")
