@@ -1,6 +1,6 @@
 # containerd's certs.d/<host>/hosts.toml pointing `host` at the daemon, with
 # builtins only (no nixpkgs lib). The same file `nixery-local setup containerd
-# --listen LISTEN` writes (src/setup.rs), but for its header comment; CI
+# --listen LISTEN` writes (src/ops/setup/containerd.rs), but for its header comment; CI
 # compares the two.
 #
 #   import ./hosts-toml.nix { host = "docker.io"; listen = "127.0.0.1:7733"; }
