@@ -1,6 +1,8 @@
 //! The pull side of the OCI distribution spec (FIELD-NOTES §2), the daemon's
 //! HTTP contract on top of it (ns scoping, Accept negotiation, read-only
 //! refusals), and the `import` command line, checked with a raw HTTP client.
+//! The read-only checks run against the daemon in process, on port 0; the
+//! shutdown check runs the binary, since it needs a signal.
 
 mod common;
 
@@ -73,7 +75,7 @@ fn fixture() -> &'static Fixture {
         let dir = scratch_dir("conformance");
         let (state, [oci, docker, multi, ranges, portreg]) = setup(&dir);
         Fixture {
-            daemon: Daemon::start_in(&state, &[]),
+            daemon: Daemon::builder().state_dir(&state).in_process().start(),
             oci,
             docker,
             multi,
@@ -804,7 +806,10 @@ fn garbage_requests_get_4xx_or_close() {
 /// `--header-timeout` (a mirror must not be held hostage).
 #[test]
 fn header_timeout_drops_slow_clients() {
-    let d = Daemon::start(&["--header-timeout", "1"]);
+    let d = Daemon::builder()
+        .args(["--header-timeout", "1"])
+        .in_process()
+        .start();
     let mut s = TcpStream::connect(d.addr()).unwrap();
     s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n").unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

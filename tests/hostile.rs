@@ -1,5 +1,7 @@
 //! Bad input: every hostile request gets a clear 4xx, the daemon stays up,
-//! nothing outside the cache is read, and bad imports change nothing.
+//! nothing outside the cache is read, and bad imports change nothing. The
+//! hostile requests go to the daemon in process, on port 0; the crash and
+//! restart checks run the binary.
 
 mod common;
 
@@ -37,7 +39,11 @@ fn fixture(extra: &[&str]) -> Fixture {
         }
         let _ = fs::write(p, &secret);
     }
-    let daemon = Daemon::start_in(&state, extra);
+    let daemon = Daemon::builder()
+        .state_dir(&state)
+        .args(extra)
+        .in_process()
+        .start();
     Fixture {
         daemon,
         image,

@@ -1,7 +1,10 @@
 //! The daemon under test: [`Daemon::builder`] is the one way to start
 //! `nixery-local serve` (arguments, environment, state directory, images
-//! imported first); its stderr is kept as a [`DaemonLog`]. Also `import`,
-//! and what the daemon's cache directory holds.
+//! imported first); its stderr is kept as a [`DaemonLog`]. With
+//! [`DaemonBuilder::in_process`] the same flags run the library's daemon
+//! ([`nixery_local::app::App`]) on a thread of the test instead, on port 0,
+//! as mini-redis tests its server. Also `import`, and what the daemon's
+//! cache directory holds.
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
@@ -25,14 +28,102 @@ pub fn bin() -> &'static str {
 }
 
 /// A running `nixery-local serve` on a loopback port of its choosing;
-/// SIGKILLed when dropped.
+/// SIGKILLed (or, in process, shut down) when dropped.
 pub struct Daemon {
     addr: SocketAddr,
     state_dir: PathBuf,
     log: DaemonLog,
-    proc: Proc,
-    // After `proc`: the daemon is gone before its state directory is.
+    runner: Runner,
+    // After `runner`: the daemon is gone before its state directory is.
     _tmp: Option<TempDir>,
+}
+
+/// Where the daemon runs.
+enum Runner {
+    /// The binary, as users run it.
+    Process(Proc),
+    /// The library's HTTP edge in this test process.
+    InProcess(InProcess),
+}
+
+/// `App::serve` on a thread with a runtime of its own; dropping it shuts the
+/// server down and waits for it.
+struct InProcess {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl InProcess {
+    /// Serves `state_dir` with the flags of `serve` in `args`; returns once
+    /// it listens.
+    fn start(state_dir: &Path, args: &[OsString]) -> (InProcess, SocketAddr) {
+        #[derive(clap::Parser)]
+        struct Serve {
+            #[command(flatten)]
+            options: nixery_local::config::Options,
+        }
+        let mut argv: Vec<OsString> = vec!["serve".into(), "--state-dir".into()];
+        argv.push(state_dir.as_os_str().to_owned());
+        argv.extend(args.iter().cloned());
+        let serve = <Serve as clap::Parser>::try_parse_from(argv)
+            .unwrap_or_else(|e| panic!("in-process daemon flags: {e}"));
+        let settings = serve
+            .options
+            .resolve()
+            .unwrap_or_else(|e| panic!("in-process daemon settings: {e}"));
+        let upstreams =
+            nixery_local::sources::mirror::upstream::Upstreams::new(settings.upstream.clone())
+                .unwrap_or_else(|e| panic!("in-process daemon upstreams: {e}"));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let app = nixery_local::app::App::open(&settings, upstreams)
+                    .unwrap_or_else(|e| panic!("in-process daemon: {e}"));
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind 127.0.0.1:0");
+                let addr = listener.local_addr().expect("local addr");
+                let ready = move || {
+                    let _ = tx.send(addr);
+                };
+                let shutdown = async {
+                    let _ = stopped.await;
+                };
+                app.serve(&settings, listener, ready, shutdown)
+                    .await
+                    .unwrap_or_else(|e| panic!("in-process daemon: {e}"));
+            });
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("in-process daemon never listened: {e:?}"));
+        let server = InProcess {
+            stop: Some(stop),
+            thread: Some(thread),
+        };
+        (server, addr)
+    }
+
+    fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// How to start a [`Daemon`]: see [`Daemon::builder`].
@@ -42,6 +133,7 @@ pub struct DaemonBuilder {
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
     imports: Vec<(TestImage, String)>,
+    in_process: bool,
 }
 
 impl DaemonBuilder {
@@ -89,6 +181,13 @@ impl DaemonBuilder {
         self
     }
 
+    /// Runs the daemon in this test process (see the module doc); for the
+    /// protocol suites, which need no process of their own.
+    pub fn in_process(mut self) -> Self {
+        self.in_process = true;
+        self
+    }
+
     /// Runs the imports, starts the daemon and waits for its listening line.
     pub fn start(self) -> Daemon {
         let tmp = match self.state_dir {
@@ -105,6 +204,18 @@ impl DaemonBuilder {
             .unwrap_or_else(|| tmp.as_ref().unwrap().path().to_path_buf());
         for (image, reference) in &self.imports {
             import_ok(&state_dir, image, reference);
+        }
+        if self.in_process {
+            // The environment is the test process's own: it cannot differ.
+            assert!(self.env.is_empty(), "an in-process daemon takes no env");
+            let (server, addr) = InProcess::start(&state_dir, &self.args);
+            return Daemon {
+                addr,
+                state_dir,
+                log: DaemonLog::default(),
+                runner: Runner::InProcess(server),
+                _tmp: tmp,
+            };
         }
         let mut cmd = Command::new(bin());
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
@@ -147,7 +258,7 @@ impl DaemonBuilder {
             addr,
             state_dir,
             log,
-            proc,
+            runner: Runner::Process(proc),
             _tmp: tmp,
         }
     }
@@ -190,22 +301,32 @@ impl Daemon {
         &self.state_dir
     }
 
-    /// Its stderr so far (and from now on).
+    /// Its stderr so far (and from now on); empty in process.
     pub fn log(&self) -> &DaemonLog {
         &self.log
     }
 
-    pub fn pid(&self) -> u32 {
-        self.proc.id()
+    fn process(&mut self) -> &mut Proc {
+        match &mut self.runner {
+            Runner::Process(proc) => proc,
+            Runner::InProcess(_) => panic!("the in-process daemon has no process"),
+        }
+    }
+
+    pub fn pid(&mut self) -> u32 {
+        self.process().id()
     }
 
     pub fn is_alive(&mut self) -> bool {
-        self.proc.is_running()
+        match &mut self.runner {
+            Runner::Process(proc) => proc.is_running(),
+            Runner::InProcess(server) => server.is_running(),
+        }
     }
 
     /// SIGTERM, then wait up to 10 s; panics (after SIGKILL) if it hangs.
     pub fn stop(mut self) -> ExitStatus {
-        self.proc
+        self.process()
             .terminate(Duration::from_secs(10))
             .unwrap_or_else(|| panic!("daemon did not exit within 10 s of SIGTERM"))
     }
