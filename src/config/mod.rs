@@ -28,6 +28,13 @@ pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 pub(crate) const DEFAULT_LAYER_COMPRESSION: &str = "zstd";
 /// Nixery's 94 + 1, well below overlayfs' and containerd's limits.
 pub(crate) const DEFAULT_LAYER_BUDGET: usize = 95;
+/// Every repository of this registry host is a Nix image.
+pub(crate) const DEFAULT_NIX_REGISTRY: &str = "nix.local";
+/// Repositories under this first component are Nix images (`nix/hello`).
+pub(crate) const DEFAULT_NIX_NAMESPACE: &str = "nix";
+pub(crate) const DEFAULT_NIX_TTL_SECS: u64 = 3600;
+pub(crate) const DEFAULT_TAG_TTL_SECS: u64 = 60;
+pub(crate) const DEFAULT_UPSTREAM_TIMEOUT_SECS: u64 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -273,7 +280,7 @@ impl Options {
     pub fn resolve(self) -> Result<Settings, ConfigError> {
         let nix = self.nix_settings()?;
         let upstream = self.upstream_settings()?;
-        let tag_ttl = Duration::from_secs(self.tag_ttl.unwrap_or(60));
+        let tag_ttl = Duration::from_secs(self.tag_ttl.unwrap_or(DEFAULT_TAG_TTL_SECS));
         // blobserve (issue #6)
         let blobserve_max_bytes = self
             .blobserve_max_size
@@ -361,7 +368,9 @@ impl Options {
                 },
             ));
         }
-        let timeout = self.upstream_timeout.unwrap_or(5);
+        let timeout = self
+            .upstream_timeout
+            .unwrap_or(DEFAULT_UPSTREAM_TIMEOUT_SECS);
         if timeout == 0 {
             return Err(ConfigError::Zero("upstream-timeout"));
         }
@@ -404,7 +413,10 @@ impl Options {
         if let SourceSetting::Fixed(s) = &source {
             s.validate().map_err(|e| ConfigError::Nix(e.to_string()))?;
         }
-        let namespace = self.nix_namespace.clone().unwrap_or_else(|| "nix".into());
+        let namespace = self
+            .nix_namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NIX_NAMESPACE.into());
         namespace
             .parse::<crate::oci::reference::RepoName>()
             .ok()
@@ -415,7 +427,7 @@ impl Options {
                 ))
             })?;
         let registries = if self.nix_registry.is_empty() {
-            vec!["nix.local".parse()?]
+            vec![DEFAULT_NIX_REGISTRY.parse()?]
         } else {
             self.nix_registry
                 .iter()
@@ -441,7 +453,9 @@ impl Options {
                 .ok_or_else(|| ConfigError::Nix(format!("nix-option {o:?} is not NAME=VALUE")))?;
             options.push((k.to_owned(), v.to_owned()));
         }
-        let nix_timeout = self.nix_timeout.unwrap_or(600);
+        let nix_timeout = self
+            .nix_timeout
+            .unwrap_or(NixConfig::default().timeout.as_secs());
         if nix_timeout == 0 {
             return Err(ConfigError::Zero("nix-timeout"));
         }
@@ -464,7 +478,7 @@ impl Options {
             source,
             layer_budget,
             compression,
-            ttl: Duration::from_secs(self.nix_ttl.unwrap_or(3600)),
+            ttl: Duration::from_secs(self.nix_ttl.unwrap_or(DEFAULT_NIX_TTL_SECS)),
             popularity,
             nix: NixConfig {
                 timeout: Duration::from_secs(nix_timeout),

@@ -178,7 +178,7 @@ fn containerd(etc: &Path, addr: &str) -> Check {
     }
     let url = format!("http://{addr}");
     let hosts = etc.join("certs.d");
-    let missing: Vec<&str> = ["nix.local", "docker.io"]
+    let missing: Vec<&str> = [crate::config::DEFAULT_NIX_REGISTRY, "docker.io"]
         .into_iter()
         .filter(|h| mentions(&hosts.join(h).join("hosts.toml"), &url) != Some(true))
         .collect();

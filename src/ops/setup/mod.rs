@@ -43,11 +43,11 @@ pub(crate) const MARKER: &str = "# Managed by nixery-local setup";
 
 /// The registry host whose every repository is a Nix image; it exists only
 /// in the daemon, so it has no upstream.
-pub(crate) const NIX_REGISTRY: &str = "nix.local";
+pub(crate) use crate::config::DEFAULT_NIX_REGISTRY as NIX_REGISTRY;
 
 /// The repository namespace for Nix images on clients that cannot send
 /// containerd's `ns` (podman): `127.0.0.1:7733/nix/hello`.
-pub(crate) const NIX_NAMESPACE: &str = "nix";
+pub(crate) use crate::config::DEFAULT_NIX_NAMESPACE as NIX_NAMESPACE;
 
 /// Registries mirrored when no `--registry` is given.
 pub(crate) const DEFAULT_REGISTRIES: [&str; 4] =
