@@ -777,7 +777,8 @@ fn malicious_names_are_refused_and_build_nothing() {
     assert_eq!(log.count(BUILT), 1, "{}", log.text());
 }
 
-/// A failed build returns the tail of Nix's log, and nothing is cached.
+/// A failed build returns the tail of Nix's log, and no image is cached.
+/// The HEAD and GET of a pull, and a retry right after, cost one build.
 #[test]
 fn build_failure_returns_the_tail_of_nix_log() {
     let (mut d, log) = nix_daemon(&[]);
@@ -810,6 +811,12 @@ fn build_failure_returns_the_tail_of_nix_log() {
     );
     assert!(d.is_alive());
     assert_eq!(log.count(BUILT), 0, "something was built:\n{}", log.text());
+    assert_eq!(
+        log.count("Nix image build failed"),
+        2,
+        "one build each for nix/broken and nix/hello/broken:\n{}",
+        log.text()
+    );
 }
 
 // ---------------------------------------------------------------------------

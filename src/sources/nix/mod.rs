@@ -24,6 +24,7 @@ pub(crate) mod name;
 pub(crate) mod pkgset;
 pub(crate) mod runner;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,11 @@ use crate::util::time::now_secs;
 
 /// Bump when a change alters the bytes built for the same inputs.
 const FORMAT_VERSION: u32 = 1;
+
+/// How long a failed build's error is the answer without calling Nix again:
+/// a pull's HEAD and GET, and a client's retries, then cost one build, while
+/// a fixed package set is tried again soon after.
+const FAILURE_TTL: Duration = Duration::from_secs(10);
 
 /// Builds running at once; more wait. Each build already uses every core
 /// for its layers.
@@ -158,6 +164,8 @@ pub struct NixImages {
     /// Whether the local store's graph went into `popularity` yet.
     learnt_store: std::sync::atomic::AtomicBool,
     inflight: SingleFlight<Digest, Outcome>,
+    /// Recent failed builds, by request key: see [`FAILURE_TTL`].
+    failures: Mutex<HashMap<Digest, (Instant, Arc<BuildError>)>>,
     builds: Semaphore,
 }
 
@@ -170,6 +178,7 @@ impl NixImages {
             learnt_store: std::sync::atomic::AtomicBool::new(false),
             settings,
             inflight: SingleFlight::new(),
+            failures: Mutex::new(HashMap::new()),
             builds: Semaphore::new(PARALLEL_BUILDS),
         }
     }
@@ -296,6 +305,10 @@ impl NixImages {
         name: ImageName,
         source: PkgSource,
     ) -> Outcome {
+        if let Some(e) = self.recent_failure(&key) {
+            tracing::debug!(name = %name.canonical(), "the build failed moments ago; not retrying yet");
+            return Err(e);
+        }
         let this = Arc::clone(self);
         self.inflight
             .run(key.clone(), move || async move {
@@ -303,6 +316,15 @@ impl NixImages {
             })
             .await
             .unwrap_or_else(|| Err(Arc::new(BuildError::Interrupted)))
+    }
+
+    fn recent_failure(&self, key: &Digest) -> Option<Arc<BuildError>> {
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        failures.retain(|_, (at, _)| at.elapsed() < FAILURE_TTL);
+        failures.get(key).map(|(_, e)| Arc::clone(e))
     }
 
     async fn build_task(
@@ -314,11 +336,11 @@ impl NixImages {
         // The semaphore is never closed, so acquiring cannot fail.
         let _slot = self.builds.acquire().await.ok();
         let this = Arc::clone(self);
-        let key = key.clone();
+        let k = key.clone();
         let shown_name = name.canonical();
         let started = Instant::now();
         let result =
-            tokio::task::spawn_blocking(move || this.build_blocking(&key, &name, &source, false))
+            tokio::task::spawn_blocking(move || this.build_blocking(&k, &name, &source, false))
                 .await;
         METRICS.nix_build_duration.observe(started.elapsed());
         let outcome = match result {
@@ -326,6 +348,13 @@ impl NixImages {
             Ok(Err(e)) => Err(Arc::new(e)),
             Err(e) => Err(Arc::new(e.into())),
         };
+        if let Err(e) = &outcome {
+            tracing::warn!(name = %shown_name, error = %e, "Nix image build failed");
+            self.failures
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .insert(key.clone(), (Instant::now(), Arc::clone(e)));
+        }
         let counter = match &outcome {
             Ok(_) => &METRICS.nix_builds,
             Err(_) => &METRICS.nix_build_failures,
