@@ -90,6 +90,17 @@ fn ghcr_image_pulls_through_ghcr_mirror() {
     ctrd.hosts_dir_with_server("ghcr.io", "https://127.0.0.1:1", &f.daemon.url());
     let stdout = ctrd.pull_and_run("ghcr.io/acme/hello:1", &f.ghcr.manifest_digest);
     assert!(stdout.contains(GHCR_MSG), "output: {stdout:?}");
+    // containerd resolves the tag with HEAD and fetches by digest: that is
+    // a pull all the same, in the log (and on the status page).
+    assert!(
+        f.daemon.log().wait_for(
+            "pull image=ghcr.io/acme/hello:1 status=200",
+            1,
+            Duration::from_secs(5)
+        ),
+        "no pull line for containerd's pull:\n{}",
+        f.daemon.log().text()
+    );
 }
 
 /// `docker.io/library/hello:1` exists, but a pull of `ghcr.io/library/hello:1`

@@ -231,11 +231,12 @@ async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
         None if path.starts_with("/files/") => "files",
         None => "other",
     };
-    // A GET of a manifest by tag is what a pull starts with: it gets a log
-    // line and a place on the status page.
+    // A manifest by tag is what a pull starts with (containerd and Docker
+    // resolve it with HEAD, then GET by digest; skopeo and podman GET it):
+    // it gets a log line and a place on the status page.
     let pull = match route(&path) {
         Some(Route::Manifest { name, reference })
-            if method == Method::GET && !reference.contains(':') =>
+            if (method == Method::GET || method == Method::HEAD) && !reference.contains(':') =>
         {
             Some(format!("{name}:{reference}"))
         }
