@@ -26,13 +26,15 @@ const GC_INTERVAL: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("opening the cache at {path}: {source}")]
+    // The cause is the error's source, not part of its message: the CLI
+    // prints the chain.
+    #[error("opening the cache at {}", path.display())]
     Store { path: PathBuf, source: StoreError },
-    #[error("reading cache access times: {0}")]
-    Usage(StoreError),
-    #[error("opening the extracted-layer space: {0}")]
+    #[error("reading cache access times")]
+    Usage(#[source] StoreError),
+    #[error("opening the extracted-layer space")]
     Blobserve(#[from] BlobserveError),
-    #[error("background task failed: {0}")]
+    #[error("background task failed")]
     Task(#[from] tokio::task::JoinError),
 }
 

@@ -4,21 +4,22 @@
 //!
 //! # Layout
 //!
-//! Layers from top to bottom; a module calls only the layers below it.
-//! `telemetry` and `util` are leaves that any layer may use.
+//! Layers from top to bottom: a module uses only the ones below it
+//! (`tests/layout.rs` checks this order). `telemetry` and `util` are leaves
+//! that any layer may use.
 //!
 //! | folder | owns |
 //! |---|---|
 //! | `main.rs`, `cli/` (the binary) | parsing the command line, one file per command; the only place `anyhow` is used |
 //! | [`app`] | wiring the daemon once: store, sources, registry, blobserve, the cache collector |
 //! | [`http`] | the wire: accept loop and limits, routes, `error.rs` (the one conversion to the OCI error envelope), `range.rs`, bodies, `/files`, the status page |
-//! | [`registry`] | the registry service: route a request to its source once, then answer from the store; `prefetch` |
+//! | [`ops`] | running on a host: `setup/` (one file per client), the doctor's checks, systemd |
+//! | [`config`] | flags, the config file and the defaults, resolved into the settings of the layers below |
 //! | [`blobserve`] | files from inside images: request, image, extract, space, resolve, content |
+//! | [`registry`] | the registry service: route a request to its source once, then answer from the store; `prefetch` |
 //! | [`sources`] | where images come from, behind one interface: `nix/` (name, package set, evaluation, closure, command, runner, `layers/`, image), `mirror/` (revalidation, downloads, `upstream/`: auth, tokens, connect, TLS), `layout` (import) |
 //! | [`store`] | the on-disk cache: `blobs`, `repos` (links and tags), `records`; `ingest` (the one commit path: blobs, then links, then the tag); `gc` |
 //! | [`oci`] | the vocabulary: digests, references, media types, manifest structure, platforms, `Accept`, error codes |
-//! | [`config`] | flags, the config file and the defaults, resolved into settings |
-//! | [`ops`] | running on a host: `setup/` (one file per client), the doctor's checks, systemd |
 //! | [`telemetry`] | metrics and the event log of the status page |
 //! | [`util`] | single-flight, time, file-system errors |
 //!

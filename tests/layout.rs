@@ -194,3 +194,60 @@ fn the_layout_doc_names_every_folder() {
         );
     }
 }
+
+/// The layers of lib.rs's table, top first; the leaves any layer may use.
+const LAYERS: [&str; 9] = [
+    "app",
+    "http",
+    "ops",
+    "config",
+    "blobserve",
+    "registry",
+    "sources",
+    "store",
+    "oci",
+];
+const LEAVES: [&str; 2] = ["telemetry", "util"];
+
+#[test]
+fn top_level_modules_only_use_the_layers_below() {
+    let (names, edges) = graph();
+    let top = |m: &str| m.split("::").next().unwrap_or(m).to_owned();
+    let rank = |m: &str| LAYERS.iter().position(|l| *l == m);
+    for name in names.iter().map(|m| top(m)).collect::<BTreeSet<_>>() {
+        assert!(
+            rank(&name).is_some() || LEAVES.contains(&name.as_str()),
+            "src/{name} is in neither LAYERS nor LEAVES of tests/layout.rs (nor lib.rs's table?)"
+        );
+    }
+    // The table in lib.rs lists them in the same order.
+    let lib = fs::read_to_string(src().join("lib.rs")).expect("lib.rs");
+    let at = |m: &str| lib.find(&format!("| [`{m}`]"));
+    let positions: Vec<_> = LAYERS.iter().map(|m| (m, at(m))).collect();
+    for pair in positions.windows(2) {
+        let ((a, pa), (b, pb)) = (pair[0], pair[1]);
+        assert!(
+            pa.is_some() && pb.is_some() && pa < pb,
+            "lib.rs's table must list {a} above {b}"
+        );
+    }
+    for (from, tos) in &edges {
+        let (a, ra) = (top(from), rank(&top(from)));
+        for to in tos {
+            let (b, rb) = (top(to), rank(&top(to)));
+            if a == b {
+                continue;
+            }
+            let leaf = |m: &str| LEAVES.iter().position(|l| *l == m);
+            let ok = match (ra, rb, leaf(&a), leaf(&b)) {
+                // A layer uses a layer below it, or a leaf.
+                (Some(x), Some(y), _, _) => x < y,
+                (Some(_), None, _, Some(_)) => true,
+                // A leaf uses only the leaves after it (telemetry uses util).
+                (None, None, Some(x), Some(y)) => x < y,
+                _ => false,
+            };
+            assert!(ok, "{from} uses {to}: {a} may use only the layers below it");
+        }
+    }
+}

@@ -189,14 +189,14 @@ fn first_line(s: &str) -> &str {
 
 /// Flags over the config file over the defaults.
 fn settings(config: Option<PathBuf>, flags: Options) -> Result<Settings, Failure> {
-    let file = match config {
-        Some(path) => Options::from_file(&path).map_err(usage)?,
-        None => Options::default(),
+    let options = match config {
+        Some(path) => {
+            let file = Options::from_file(&path).map_err(usage)?;
+            flags.or(file).map_err(usage)?
+        }
+        None => flags,
     };
-    flags
-        .or(file)
-        .and_then(Options::resolve)
-        .map_err(|e: ConfigError| usage(e))
+    options.resolve().map_err(|e: ConfigError| usage(e))
 }
 
 /// The upstream registries; a CA file that cannot be read is a

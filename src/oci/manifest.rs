@@ -48,7 +48,10 @@ pub(crate) struct Descriptor {
 /// The `platform` of an index entry.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 pub(crate) struct Platform {
+    // Lenient: an entry that leaves one out is still a manifest to walk.
+    #[serde(default)]
     pub(crate) architecture: String,
+    #[serde(default)]
     pub(crate) os: String,
 }
 

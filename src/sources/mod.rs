@@ -1,7 +1,8 @@
 //! Where images come from, behind one interface. A request is routed once
 //! ([`Sources::route`]) to the [`Source`] that answers its repository; the
-//! source then answers two calls, "bring this tag up to date" and "give me
-//! this blob", and writes what it finds through the store's one ingest path
+//! source then answers "bring this tag up to date", "this manifest by
+//! digest" and "give me this blob", and writes what it finds through the
+//! store's one ingest path
 //! ([`crate::store::ingest`]). The registry then serves from the store.
 //!
 //! - [`nix`]: images built from the host's Nix store, for the repositories
@@ -114,7 +115,9 @@ impl Source<'_> {
     }
 
     /// A blob the store lacks, arriving from this source; `None` when this
-    /// source has no blobs of its own to offer.
+    /// source has no blobs of its own to offer. A Nix image's blobs are all
+    /// written when it is built, so a miss there is a miss: it is not asked
+    /// of the upstream registry that shares the host name.
     pub(crate) async fn fetch_blob(
         &self,
         host: &RegistryHost,

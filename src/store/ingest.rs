@@ -28,7 +28,13 @@ impl Store {
             }
         }
         if let Some((tag, record)) = tag {
-            if self.tag(host, repo, tag)?.as_ref() != Some(record) {
+            let current = match self.tag(host, repo, tag) {
+                Ok(current) => current,
+                // A damaged tag record is replaced, not a reason to fail.
+                Err(StoreError::CorruptRecord { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            if current.as_ref() != Some(record) {
                 self.set_tag(host, repo, tag, record)?;
             }
         }

@@ -60,27 +60,31 @@ where
     where
         F: Future<Output = V> + Send + 'static,
     {
-        let mut rx = {
+        let (mut rx, start) = {
             let mut flights = lock(&self.flights);
             match flights.get(&key) {
-                Some(rx) => rx.clone(),
+                Some(rx) => (rx.clone(), None),
                 None => {
                     let (tx, rx) = watch::channel(None);
                     flights.insert(key.clone(), rx.clone());
-                    let landing = Landing {
-                        flights: Arc::clone(&self.flights),
-                        key,
-                    };
-                    let fut = work();
-                    tokio::spawn(async move {
-                        let outcome = fut.await;
-                        let _ = tx.send(Some(outcome));
-                        drop(landing);
-                    });
-                    rx
+                    (rx, Some(tx))
                 }
             }
         };
+        // Started outside the lock: `work` is the caller's code, and the
+        // landing must be able to take the lock if it panics.
+        if let Some(tx) = start {
+            let landing = Landing {
+                flights: Arc::clone(&self.flights),
+                key,
+            };
+            let fut = work();
+            tokio::spawn(async move {
+                let outcome = fut.await;
+                let _ = tx.send(Some(outcome));
+                drop(landing);
+            });
+        }
         // The sender goes without a value only if the work panicked.
         let outcome = match rx.wait_for(Option::is_some).await {
             Ok(v) => v.clone(),
@@ -134,5 +138,19 @@ mod tests {
             .await;
         assert_eq!(panicked, None);
         assert_eq!(flight.run(1, || async { 2 }).await, Some(2));
+    }
+
+    #[tokio::test]
+    async fn a_panic_starting_the_work_is_forgotten_too() {
+        let flight = Arc::new(SingleFlight::<u32, u32>::new());
+        let f = Arc::clone(&flight);
+        let caller = tokio::spawn(async move {
+            f.run(1, || -> std::future::Ready<u32> {
+                panic!("start failed on purpose")
+            })
+            .await
+        });
+        assert!(caller.await.expect_err("panicked").is_panic());
+        assert_eq!(flight.run(1, || async { 3 }).await, Some(3));
     }
 }

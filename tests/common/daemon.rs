@@ -84,7 +84,7 @@ impl InProcess {
                 .expect("runtime");
             runtime.block_on(async move {
                 let app = nixery_local::app::App::open(&settings, upstreams)
-                    .unwrap_or_else(|e| panic!("in-process daemon: {e}"));
+                    .unwrap_or_else(|e| panic!("in-process daemon: {e:?}"));
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                     .await
                     .expect("bind 127.0.0.1:0");
@@ -97,7 +97,7 @@ impl InProcess {
                 };
                 app.serve(&settings, listener, ready, shutdown)
                     .await
-                    .unwrap_or_else(|e| panic!("in-process daemon: {e}"));
+                    .unwrap_or_else(|e| panic!("in-process daemon: {e:?}"));
             });
         });
         let addr = rx

@@ -78,9 +78,30 @@ impl From<MirrorError> for SourceError {
             | MirrorError::Status { .. }
             | MirrorError::BadManifest { .. }
             | MirrorError::Download { .. } => ErrorKind::Unavailable,
-            MirrorError::Store(_) | MirrorError::Task(_) => ErrorKind::Internal,
+            // Still a fast miss, so that containerd falls back to the
+            // upstream itself; the cause goes to the log.
+            MirrorError::Store(_) | MirrorError::Task(_) => {
+                tracing::error!(error = %e, "the cache failed while filling a miss");
+                ErrorKind::Unavailable
+            }
         };
         SourceError::new(kind, e.to_string())
+    }
+}
+
+/// Removes a download from [`Mirror::downloads`] when dropped.
+struct Forget {
+    mirror: Arc<Mirror>,
+    digest: Digest,
+}
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        self.mirror
+            .downloads
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&self.digest);
     }
 }
 
@@ -329,8 +350,14 @@ impl Mirror {
                     let this = Arc::clone(self);
                     let (host, repo, dl) = (host.clone(), repo.clone(), Arc::clone(&d));
                     tokio::spawn(async move {
+                        // Forgotten when the task ends, also by a panic, so
+                        // the next request starts a new download.
+                        let _forget = Forget {
+                            mirror: Arc::clone(&this),
+                            digest: dl.digest.clone(),
+                        };
                         let result = this.download(&host, &repo, &dl, &tx).await;
-                        let digest = dl.digest.clone();
+                        let digest = &dl.digest;
                         match result {
                             Ok(size) => {
                                 tracing::info!(%digest, size, "blob cached from upstream");
@@ -341,10 +368,6 @@ impl Mirror {
                                 let _ = tx.send(Progress::Failed(e.to_string()));
                             }
                         }
-                        this.downloads
-                            .lock()
-                            .unwrap_or_else(|poisoned| poisoned.into_inner())
-                            .remove(&digest);
                     });
                     d
                 }

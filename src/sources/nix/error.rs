@@ -89,5 +89,3 @@ fn missing_message(missing: &[String], not_packages: &[String]) -> String {
     }
     parts.join("; ")
 }
-
-impl NixError {}

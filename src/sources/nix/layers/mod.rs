@@ -58,8 +58,6 @@ pub(crate) struct LayerInfo {
     pub(crate) compression: Compression,
 }
 
-impl LayerInfo {}
-
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
     #[error(transparent)]
