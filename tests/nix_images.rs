@@ -342,6 +342,31 @@ fn containerd_pulls_and_runs_nix_local_images() {
 /// `--layer-compression zstd` and `none`: the right media types, blobs
 /// whose uncompressed content matches the config's diff_ids, and containerd
 /// unpacks and runs them.
+/// Debian's Docker 20.10 cannot unpack zstd layers, the default: it gets a
+/// gzip variant of the image (told by its User-Agent), pulls it by the
+/// daemon's address as the status page and README say, and runs it. The
+/// same name still gives other clients zstd layers.
+#[test]
+fn docker_20_10_pulls_and_runs_a_nix_image() {
+    let (d, _log) = nix_daemon(&[]);
+    let docker = Dockerd::start();
+    let reference = format!("{}/nix/hello:latest", d.host_port());
+    let out = docker.docker(&["pull", &reference]);
+    assert_success(&format!("docker pull {reference}"), &out);
+    let out = docker.docker(&["run", "--rm", "--network", "none", &reference, "hello"]);
+    assert_success(&format!("docker run {reference}"), &out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(HELLO_OUT), "hello printed {stdout:?}");
+
+    let (_, _, manifest) = oci_manifest(&d, "nix/hello");
+    for (_, _, media_type) in layers(&manifest) {
+        assert!(
+            media_type.ends_with("+zstd"),
+            "a client without Docker's User-Agent gets zstd layers, not {media_type}"
+        );
+    }
+}
+
 #[test]
 fn zstd_and_uncompressed_layers_pull_and_run() {
     for (compression, media_type) in [("zstd", OCI_LAYER_ZSTD), ("none", OCI_LAYER_TAR)] {

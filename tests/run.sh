@@ -18,6 +18,7 @@ fi
 packages=(
     containerd runc      # a real containerd pulls and runs the images
     skopeo               # a second real client: inspect and copy
+    docker.io            # Debian's Docker 20.10: pulls Nix images (no zstd)
     docker-registry      # CNCF distribution, an upstream registry
     nix-bin              # builds the tests' package set for Nix images
     busybox-static       # the one binary in the test images and package set

@@ -5,6 +5,7 @@
 
 use crate::blobserve::{Blobserve, BlobserveError};
 use crate::oci::accept::Accept;
+use crate::oci::client::Client;
 use crate::oci::manifest::{self, Children};
 use crate::oci::platform;
 use crate::oci::reference::{Reference, RegistryHost, RepoName};
@@ -24,6 +25,7 @@ impl Blobserve {
                 repo.clone(),
                 reference.clone(),
                 Accept::default(),
+                Client::default(),
             )
             .await?;
         let (mut media_type, mut bytes) = (m.media_type, m.bytes);
@@ -46,6 +48,7 @@ impl Blobserve {
                     repo.clone(),
                     Reference::Digest(pick),
                     Accept::default(),
+                    Client::default(),
                 )
                 .await?;
             (media_type, bytes) = (m.media_type, m.bytes);

@@ -23,8 +23,8 @@ pub(crate) const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 10;
 pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// zstd measured fastest end to end (build + `ctr pull` + unpack) on a
 /// cached image and close to uncompressed on a cold one, at a fraction of
-/// the disk (BENCHMARKS.md). Docker before 23 cannot unpack zstd: such
-/// users set gzip.
+/// the disk (BENCHMARKS.md). Docker before 23 cannot unpack zstd: it is
+/// told by its User-Agent and gets gzip layers (`oci::client`).
 pub(crate) const DEFAULT_LAYER_COMPRESSION: &str = "zstd";
 /// Nixery's 94 + 1, well below overlayfs' and containerd's limits.
 pub(crate) const DEFAULT_LAYER_BUDGET: usize = 95;
@@ -138,8 +138,8 @@ pub struct Options {
     #[arg(long, value_name = "N", help_heading = "Nix images")]
     pub layer_budget: Option<usize>,
 
-    /// Layer compression: gzip, zstd or none [default: zstd; use gzip for
-    /// Docker engines older than 23].
+    /// Layer compression: gzip, zstd or none [default: zstd; Docker engines
+    /// older than 23, which cannot unpack zstd, get gzip].
     #[arg(long, value_name = "KIND", help_heading = "Nix images")]
     pub layer_compression: Option<String>,
 

@@ -36,6 +36,7 @@ pub(crate) use self::error::ApiError;
 use self::range::Span;
 use crate::blobserve::Blobserve;
 use crate::oci::accept::Accept;
+use crate::oci::client::Client;
 use crate::oci::digest::Digest;
 use crate::oci::error_code::ErrorCode;
 use crate::oci::reference::{NameError, Reference, RegistryHost, RepoName};
@@ -344,7 +345,14 @@ async fn dispatch(
                     .iter()
                     .map(|v| v.as_bytes()),
             );
-            let m = registry.manifest(host, repo, reference, accept).await?;
+            let client = Client::from_user_agent(
+                req.headers()
+                    .get(header::USER_AGENT)
+                    .and_then(|v| v.to_str().ok()),
+            );
+            let m = registry
+                .manifest(host, repo, reference, accept, client)
+                .await?;
             let mut resp = Response::new(full(m.bytes.clone()));
             let h = resp.headers_mut();
             insert_str(h, header::CONTENT_TYPE, &m.media_type);

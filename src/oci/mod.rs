@@ -3,6 +3,7 @@
 //! speaks in these types; nothing here does I/O.
 
 pub(crate) mod accept;
+pub(crate) mod client;
 pub(crate) mod digest;
 pub(crate) mod error_code;
 pub(crate) mod manifest;

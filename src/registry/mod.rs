@@ -12,6 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::oci::accept::Accept;
+use crate::oci::client::Client;
 use crate::oci::digest::Digest;
 use crate::oci::reference::{Reference, RegistryHost, RepoName};
 use crate::sources::mirror::Download;
@@ -121,10 +122,11 @@ impl Registry {
         repo: RepoName,
         reference: Reference,
         accept: Accept,
+        client: Client,
     ) -> Result<Manifest, RegistryError> {
         let source = self.sources.route(&host, &repo);
         match &reference {
-            Reference::Tag(tag) => source.resolve_tag(&host, &repo, tag, &accept).await,
+            Reference::Tag(tag) => source.resolve_tag(&host, &repo, tag, &accept, client).await,
             Reference::Digest(digest) => source.fetch_manifest(&host, &repo, digest).await,
         }
         .map_err(RegistryError::ManifestSource)?;
@@ -285,6 +287,7 @@ mod tests {
                 "library/a".parse().expect("repo"),
                 Reference::Tag("1".parse().expect("tag")),
                 a,
+                Client::default(),
             )
         };
         let m = get(Accept::default()).await.expect("default");
@@ -310,6 +313,7 @@ mod tests {
                 repo.parse().expect("repo"),
                 Reference::Digest(digest.clone()),
                 Accept::default(),
+                Client::default(),
             )
         };
         assert!(by_digest("docker.io", "library/a").await.is_ok());

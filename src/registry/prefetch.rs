@@ -6,6 +6,7 @@
 use std::io::Write;
 
 use crate::oci::accept::Accept;
+use crate::oci::client::Client;
 use crate::oci::digest::Digest;
 use crate::oci::manifest::{self, Children};
 use crate::oci::platform;
@@ -33,6 +34,7 @@ pub async fn prefetch(
             image.repo.clone(),
             Reference::Tag(image.tag.clone()),
             Accept::default(),
+            Client::default(),
         )
         .await?;
     done.digest = Some(top.digest.clone());
@@ -51,6 +53,7 @@ pub async fn prefetch(
                             image.repo.clone(),
                             Reference::Digest(child.digest.clone()),
                             Accept::default(),
+                            Client::default(),
                         )
                         .await?;
                     if wanted.contains(&child.digest) {

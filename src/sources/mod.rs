@@ -23,6 +23,7 @@ pub(crate) use self::error::{ErrorKind, SourceError};
 use self::mirror::{Download, Mirror};
 use self::nix::NixImages;
 use crate::oci::accept::Accept;
+use crate::oci::client::Client;
 use crate::oci::digest::Digest;
 use crate::oci::reference::{RegistryHost, RepoName, Tag};
 use crate::telemetry::metrics::{self, METRICS};
@@ -89,10 +90,13 @@ impl Source<'_> {
         repo: &RepoName,
         tag: &Tag,
         accept: &Accept,
+        client: Client,
     ) -> Result<(), SourceError> {
         match self {
             Source::Nix { images, packages } => {
-                images.resolve_tag(host, repo, packages, tag).await?;
+                images
+                    .resolve_tag(host, repo, packages, tag, client)
+                    .await?;
             }
             Source::Mirror(mirror) => mirror.refresh_tag(host, repo, tag, accept).await?,
             Source::Cache => {}

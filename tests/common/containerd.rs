@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::{assert_success, forward_lines, output_timeout, require, Proc};
+use super::{assert_success, forward_lines, output_timeout, require, unmount_all_under, Proc};
 
 /// A private containerd (own root, state, sockets) for one test.
 pub struct Containerd {
@@ -237,23 +237,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             let _ = self.ctr_timeout(&["containers", "delete", id], Duration::from_secs(10));
         }
         self.proc.terminate(Duration::from_secs(5));
-        // Anything still mounted under our directory, deepest first.
-        let base = self.dir.path().to_string_lossy().into_owned();
-        let mut mounts: Vec<String> = fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .map(|p| p.replace("\\040", " "))
-            .filter(|p| p.starts_with(&base))
-            .collect();
-        mounts.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        for m in mounts {
-            let c = std::ffi::CString::new(m).unwrap();
-            // SAFETY: umount2 with a valid C string.
-            unsafe {
-                libc::umount2(c.as_ptr(), libc::MNT_DETACH);
-            }
-        }
+        unmount_all_under(self.dir.path());
     }
 }
 

@@ -29,6 +29,7 @@ use tempfile::TempDir;
 pub mod auth;
 pub mod containerd;
 pub mod daemon;
+pub mod docker;
 pub mod http;
 pub mod layouts;
 pub mod nix;
@@ -41,8 +42,8 @@ pub mod upstream;
 // Each test binary uses only some of these.
 #[allow(unused_imports)]
 pub use {
-    auth::*, containerd::*, daemon::*, http::*, layouts::*, nix::*, process::*, registry::*,
-    skopeo::*, systemd::*, upstream::*,
+    auth::*, containerd::*, daemon::*, docker::*, http::*, layouts::*, nix::*, process::*,
+    registry::*, skopeo::*, systemd::*, upstream::*,
 };
 
 /// `sha256:<hex>` of `bytes`.

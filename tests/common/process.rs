@@ -291,3 +291,24 @@ impl Drop for Proc {
         self.kill();
     }
 }
+
+/// Unmounts (lazily) everything mounted under `base`, deepest first: what
+/// a container runtime left behind.
+pub fn unmount_all_under(base: &std::path::Path) {
+    let base = base.to_string_lossy().into_owned();
+    let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| p.replace("\\040", " "))
+        .filter(|p| p.starts_with(&base))
+        .collect();
+    mounts.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for m in mounts {
+        let c = std::ffi::CString::new(m).unwrap();
+        // SAFETY: umount2 with a valid C string.
+        unsafe {
+            libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+        }
+    }
+}

@@ -33,6 +33,7 @@ use tokio::sync::Semaphore;
 
 use self::image::{ImageError, ImageLayer, ImageSpec, Platform};
 use self::layers::{Compression, LayerError, LayerGroup, LayerInfo, Popularity};
+use crate::oci::client::Client;
 use crate::oci::digest::{Algorithm, Digest};
 use crate::oci::manifest::{DOCKER_MANIFEST, OCI_MANIFEST};
 use crate::oci::reference::{RegistryHost, RepoName, Tag};
@@ -194,7 +195,12 @@ impl NixImages {
     }
 
     /// The key of everything that decides an image's bytes.
-    fn request_key(&self, name: &ImageName, source: &PkgSource) -> Digest {
+    fn request_key(
+        &self,
+        name: &ImageName,
+        source: &PkgSource,
+        compression: Compression,
+    ) -> Digest {
         #[derive(Serialize)]
         struct Key<'a> {
             version: u32,
@@ -208,7 +214,7 @@ impl NixImages {
             version: FORMAT_VERSION,
             name: name.canonical(),
             source,
-            compression: self.settings.compression,
+            compression,
             budget: self.settings.layer_budget,
             always_include: &self.settings.nix.always_include,
         };
@@ -235,9 +241,10 @@ impl NixImages {
         repo: &RepoName,
         packages: &str,
         tag: &Tag,
+        client: Client,
     ) -> Result<(), SourceError> {
         let manifests = self
-            .manifests(packages, tag)
+            .manifests(packages, tag, self.compression_for(client))
             .await
             .map_err(|e| SourceError::from(&*e))?;
         let (store, h, r, t) = (
@@ -259,16 +266,27 @@ impl NixImages {
         .map_err(|e| SourceError::from(&BuildError::from(e)))
     }
 
+    /// The configured layer compression, unless `client` cannot unpack it:
+    /// zstd for an old Docker engine becomes gzip, a variant of its own.
+    fn compression_for(&self, client: Client) -> Compression {
+        match self.settings.compression {
+            Compression::Zstd if !client.zstd_layers => Compression::Gzip,
+            c => c,
+        }
+    }
+
     /// The manifests of the image `packages` (the repository path below the
-    /// namespace) names, building it if the cache has no fresh copy.
+    /// namespace) names, with `compression`, building it if the cache has no
+    /// fresh copy.
     pub(crate) async fn manifests(
         self: &Arc<Self>,
         packages: &str,
         tag: &Tag,
+        compression: Compression,
     ) -> Result<Vec<ManifestVariant>, Arc<BuildError>> {
         let name = ImageName::parse(packages).map_err(|e| Arc::new(e.into()))?;
         let source = self.settings.source.for_tag(tag);
-        let key = self.request_key(&name, &source);
+        let key = self.request_key(&name, &source, compression);
 
         let this = Arc::clone(self);
         let k = key.clone();
@@ -285,7 +303,7 @@ impl NixImages {
             }
         }
 
-        match self.shared_build(key, name, source).await {
+        match self.shared_build(key, name, source, compression).await {
             Ok(record) => Ok(record.manifests),
             Err(e) => match cached {
                 // Stale-if-error: an old image beats no image.
@@ -304,6 +322,7 @@ impl NixImages {
         key: Digest,
         name: ImageName,
         source: PkgSource,
+        compression: Compression,
     ) -> Outcome {
         if let Some(e) = self.recent_failure(&key) {
             tracing::debug!(name = %name.canonical(), "the build failed moments ago; not retrying yet");
@@ -312,7 +331,7 @@ impl NixImages {
         let this = Arc::clone(self);
         self.inflight
             .run(key.clone(), move || async move {
-                this.build_task(&key, name, source).await
+                this.build_task(&key, name, source, compression).await
             })
             .await
             .unwrap_or_else(|| Err(Arc::new(BuildError::Interrupted)))
@@ -332,6 +351,7 @@ impl NixImages {
         key: &Digest,
         name: ImageName,
         source: PkgSource,
+        compression: Compression,
     ) -> Outcome {
         // The semaphore is never closed, so acquiring cannot fail.
         let _slot = self.builds.acquire().await.ok();
@@ -339,9 +359,10 @@ impl NixImages {
         let k = key.clone();
         let shown_name = name.canonical();
         let started = Instant::now();
-        let result =
-            tokio::task::spawn_blocking(move || this.build_blocking(&k, &name, &source, false))
-                .await;
+        let result = tokio::task::spawn_blocking(move || {
+            this.build_blocking(&k, &name, &source, compression, false)
+        })
+        .await;
         METRICS.nix_build_duration.observe(started.elapsed());
         let outcome = match result {
             Ok(Ok(report)) => Ok(report.record),
@@ -379,8 +400,9 @@ impl NixImages {
     ) -> Result<BuildReport, BuildError> {
         let name = ImageName::parse(packages)?;
         let source = self.settings.source.for_tag(tag);
-        let key = self.request_key(&name, &source);
-        let mut report = self.build_blocking(&key, &name, &source, progress)?;
+        let compression = self.settings.compression;
+        let key = self.request_key(&name, &source, compression);
+        let mut report = self.build_blocking(&key, &name, &source, compression, progress)?;
         let others: Vec<(Digest, NixImageRecord)> = self.store.records(RecordKind::NixImage)?;
         for layer in &mut report.layers {
             layer.shared_with = others
@@ -396,6 +418,7 @@ impl NixImages {
         key: &Digest,
         name: &ImageName,
         source: &PkgSource,
+        compression: Compression,
         progress: bool,
     ) -> Result<BuildReport, BuildError> {
         let started = Instant::now();
@@ -444,18 +467,14 @@ impl NixImages {
             groups.len() + 1
         ));
 
-        let mut built_layers = self.write_layers(&groups, progress)?;
+        let mut built_layers = self.write_layers(&groups, compression, progress)?;
 
         // The customisation layer: symlinks into the closure, /tmp, env, CA bundle.
         let outputs = built.evaluation.output_paths();
         let closure_paths: Vec<String> = closure.paths.keys().cloned().collect();
         let mut w = self.store.blob_writer(Algorithm::Sha256)?;
-        let (custom_info, custom) = layers::write_customisation_layer(
-            &outputs,
-            &closure_paths,
-            self.settings.compression,
-            &mut w,
-        )?;
+        let (custom_info, custom) =
+            layers::write_customisation_layer(&outputs, &closure_paths, compression, &mut w)?;
         let (digest, _, staged) = w.finish_computed()?;
         if digest != custom_info.digest {
             return Err(BuildError::LayerDigest {
@@ -551,6 +570,7 @@ impl NixImages {
     fn write_layers(
         &self,
         groups: &[LayerGroup],
+        compression: Compression,
         progress: bool,
     ) -> Result<Vec<(LayerInfo, bool)>, BuildError> {
         let workers = std::thread::available_parallelism()
@@ -566,7 +586,7 @@ impl NixImages {
                 scope.spawn(|| loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(group) = groups.get(i) else { break };
-                    let result = self.layer(group);
+                    let result = self.layer(group, compression);
                     let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                     if progress {
                         eprintln!("layer {n}/{}", groups.len());
@@ -588,8 +608,7 @@ impl NixImages {
             .collect()
     }
 
-    fn layer(&self, group: &LayerGroup) -> LayerOutcome {
-        let compression = self.settings.compression;
+    fn layer(&self, group: &LayerGroup, compression: Compression) -> LayerOutcome {
         let key = {
             let mut h = crate::oci::digest::Hasher::new(Algorithm::Sha256);
             h.update(group.id().to_string().as_bytes());
@@ -668,11 +687,19 @@ mod tests {
         };
         let a = ImageName::parse("git/htop").expect("name");
         let b = ImageName::parse("htop/git/htop").expect("name");
-        assert_eq!(n.request_key(&a, &src), n.request_key(&b, &src));
+        let zstd = Compression::Zstd;
+        assert_eq!(n.request_key(&a, &src, zstd), n.request_key(&b, &src, zstd));
         let other = PkgSource::Path {
             path: "/other".into(),
         };
-        assert_ne!(n.request_key(&a, &src), n.request_key(&a, &other));
+        assert_ne!(
+            n.request_key(&a, &src, zstd),
+            n.request_key(&a, &other, zstd)
+        );
+        assert_ne!(
+            n.request_key(&a, &src, zstd),
+            n.request_key(&a, &src, Compression::Gzip)
+        );
     }
 
     #[test]
