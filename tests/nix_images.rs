@@ -998,3 +998,50 @@ fn concurrent_pulls_share_one_build_and_disconnects_do_not_cancel() {
         log.text()
     );
 }
+
+/// Why a pull failed reaches each real client's terminal: Docker and skopeo
+/// print the JSON message of a 4xx, and the reason phrase of a 5xx, which
+/// carries the message too (they ignore 5xx bodies); containerd resolves
+/// with HEAD and prints only the status line, so the reason phrase is all it
+/// shows. (For a 404 containerd tries its next host and says only "not
+/// found": the JSON message reaches Docker and skopeo.)
+#[test]
+fn failures_show_their_reason_in_every_client() {
+    let (d, _log) = nix_daemon(&[]);
+    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+
+    let ctrd = Containerd::start();
+    ctrd.hosts_dir_with_server("nix.local", "https://127.0.0.1:1", &d.url());
+    let out = ctrd.pull("nix.local/broken:latest", &[]);
+    assert!(
+        !out.status.success(),
+        "ctr pull of a broken build succeeded"
+    );
+    assert!(
+        stderr(&out).contains(BROKEN_MSG),
+        "ctr stderr:\n{}",
+        stderr(&out)
+    );
+
+    let docker = Dockerd::start();
+    let skopeo_ref = |name: &str| format!("docker://{}/nix/{name}", d.host_port());
+    for (name, reason) in [
+        ("broken", BROKEN_MSG),
+        ("nosuchpkg", "unknown packages: nosuchpkg"),
+    ] {
+        let out = docker.docker(&["pull", &format!("{}/nix/{name}", d.host_port())]);
+        assert!(!out.status.success(), "docker pull nix/{name} succeeded");
+        assert!(
+            stderr(&out).contains(reason),
+            "docker pull nix/{name}: {reason:?} missing from\n{}",
+            stderr(&out)
+        );
+        let out = skopeo(&["inspect", "--tls-verify=false", &skopeo_ref(name)]);
+        assert!(!out.status.success(), "skopeo inspect nix/{name} succeeded");
+        assert!(
+            stderr(&out).contains(reason),
+            "skopeo inspect nix/{name}: {reason:?} missing from\n{}",
+            stderr(&out)
+        );
+    }
+}

@@ -6,6 +6,7 @@
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
+use hyper::ext::ReasonPhrase;
 
 use crate::blobserve::BlobserveError;
 use crate::http::body::{json_response, Body};
@@ -106,8 +107,36 @@ impl ApiError {
         if self.status == StatusCode::METHOD_NOT_ALLOWED {
             resp.headers_mut().insert(header::ALLOW, READ_ONLY_METHODS);
         }
+        // containerd resolves with HEAD (no body) and prints only the status
+        // line of a failure: the reason phrase carries the message to it.
+        if let Ok(phrase) = ReasonPhrase::try_from(reason_phrase(self.status, &self.message)) {
+            resp.extensions_mut().insert(phrase);
+        }
         resp
     }
+}
+
+/// Longest reason phrase sent: long enough for a missing package's name or
+/// the last line of a build log, short of what proxies refuse.
+const MAX_REASON: usize = 400;
+
+/// "Not Found: <message>" on one line of visible ASCII.
+fn reason_phrase(status: StatusCode, message: &str) -> String {
+    let canonical = status.canonical_reason().unwrap_or("Error");
+    let mut reason = format!("{canonical}: ");
+    let words = message.split_whitespace().flat_map(|w| [" ", w]).skip(1);
+    for c in words.flat_map(str::chars) {
+        if reason.len() >= MAX_REASON {
+            reason.push_str("...");
+            break;
+        }
+        reason.push(if c.is_ascii_graphic() || c == ' ' {
+            c
+        } else {
+            '?'
+        });
+    }
+    reason
 }
 
 impl From<RegistryError> for ApiError {
@@ -159,5 +188,22 @@ impl From<BlobserveError> for ApiError {
             | BlobserveError::Task(_) => return ApiError::internal(&e),
         };
         ApiError::new(status, code, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_phrases_are_one_line_of_ascii() {
+        let r = reason_phrase(
+            StatusCode::NOT_FOUND,
+            "unknown packages:\n  nosuch, other\t“x”",
+        );
+        assert_eq!(r, "Not Found: unknown packages: nosuch, other ?x?");
+        assert!(ReasonPhrase::try_from(r).is_ok());
+        let long = reason_phrase(StatusCode::INTERNAL_SERVER_ERROR, &"x".repeat(5000));
+        assert!(long.len() <= MAX_REASON + 3 && long.ends_with("..."));
     }
 }
