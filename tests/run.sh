@@ -12,7 +12,7 @@ if [ "$(id -u)" -ne 0 ]; then
         echo "tests/run.sh: run as root: the containerd tests mount overlayfs and start containers (sudo is not installed)" >&2
         exit 1
     }
-    exec sudo --preserve-env=PATH,CARGO_HOME,RUSTUP_HOME,HOME "$0" "$@"
+    exec sudo --preserve-env=PATH,CARGO_HOME,RUSTUP_HOME,HOME "$PWD/tests/run.sh" "$@"
 fi
 
 packages=(
