@@ -70,14 +70,12 @@ impl ApiError {
     /// the code for "not here" (manifest or blob).
     fn from_source(e: &SourceError, missing: ErrorCode) -> ApiError {
         match e.kind() {
-            // A fast 404 lets containerd fall back to its next host.
+            // A fast 404 lets containerd fall back to its next host. Clients
+            // print the code's own text ("manifest unknown") before the
+            // message, so the message does not repeat it.
             ErrorKind::NotFound | ErrorKind::Unavailable => {
                 tracing::info!(error = %e, "miss");
-                let what = match missing {
-                    ErrorCode::BlobUnknown => "blob unknown",
-                    _ => "manifest unknown",
-                };
-                ApiError::new(StatusCode::NOT_FOUND, missing, format!("{what}: {e}"))
+                ApiError::new(StatusCode::NOT_FOUND, missing, e.to_string())
             }
             ErrorKind::Invalid => ApiError::new(
                 StatusCode::BAD_REQUEST,
