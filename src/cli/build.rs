@@ -29,7 +29,14 @@ pub fn run(common: Common, name: &str) -> Result<(), Failure> {
         .build_now(repo.as_str(), &tag, progress)
         .with_context(|| format!("building {name}"))?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "digest {}", report.record.manifests[0].digest)?;
+    let digest = report
+        .record
+        .manifests
+        .first()
+        .context("the build recorded no manifest")?
+        .digest
+        .clone();
+    writeln!(out, "digest {digest}")?;
     writeln!(
         out,
         "{:<12} {:>12}  {:<6}  store paths",
