@@ -51,31 +51,9 @@ for who in base subject; do
 done
 
 wrk_lua "$OCI_MANIFEST"
-manifest_url() { echo "${BASE[$1]}/v2/$REPO_NAME/manifests/$TAG"; }
-
-wrk_once() { # WHO RUN
-  local f=$OUT/wrk-$1-$2.txt rps
-  wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$WRK_DURATION" --latency -s "$OUT/manifest.lua" \
-    "$(manifest_url "$1")" >"$f" 2>&1 || { err "$1: wrk failed (run $2), see $f"; return 0; }
-  [[ -z $(wrk_non2xx "$f") ]] || err "$1: wrk run $2 saw non-2xx responses"
-  rps=$(wrk_rps "$f")
-  record wrk_rps "$1" "$2" "$rps"
-  log "wrk   run $2 $(printf '%-8s' "$1") $rps req/s"
-}
-
-blob_once() { # WHO RUN
-  local speed
-  speed=$(curl -sf -o /dev/null -w '%{speed_download}' "${BASE[$1]}/v2/$REPO_NAME/blobs/$LAYER_DIGEST") \
-    || { err "$1: blob GET failed (run $2)"; return 0; }
-  record blob_Bps "$1" "$2" "$speed"
-  log "blob  run $2 $(printf '%-8s' "$1") $speed B/s"
-}
-
 # Warm-ups: the page cache holds the blob, and each daemon has served once.
-for who in base subject; do
-  blob_once "$who" 0 >/dev/null 2>&1
-  wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d2s -s "$OUT/manifest.lua" "$(manifest_url "$who")" >/dev/null 2>&1 || true
-done
+for who in base subject; do blob_once "$who" 0; done
+wrk_warmup base subject
 : >"$RAW"
 for run in $(seq "$RUNS"); do
   for who in $(in_turn "$run" "base subject"); do wrk_once "$who" "$run"; done

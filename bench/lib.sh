@@ -297,6 +297,7 @@ push_blob_layout() { # NAME: skopeo copy of blob_layout's image to docker-regist
 }
 
 blob_url() { echo "${BASE[$1]}/v2/$REPO_NAME/blobs/$LAYER_DIGEST"; } # SERVER
+manifest_url() { echo "${BASE[$1]}/v2/$REPO_NAME/manifests/$TAG"; } # SERVER
 
 # --------------------------------------------------------------------------
 # Clients
@@ -347,6 +348,16 @@ curls_ok() { # N PREFIX BYTES: how many of the N got 200 and BYTES bytes
   echo "$ok"
 }
 
+# blob_once SERVER RUN: one checked GET of blob_layout's blob; records
+# blob_Bps.
+blob_once() { # SERVER RUN
+  local speed
+  get_checked "$1: blob run $2" "$(blob_url "$1")" speed_download "$BLOB_BYTES" || return 0
+  speed=$GOT
+  record blob_Bps "$1" "$2" "$speed"
+  log "blob  run $2 $(printf '%-8s' "$1") $(awk -v s="$speed" 'BEGIN { printf "%7.0f MiB/s", s/1048576 }')"
+}
+
 wrk_lua() { # ACCEPT: $OUT/manifest.lua, a wrk script sending that Accept
   cat >"$OUT/manifest.lua" <<EOF
 wrk.method = "GET"
@@ -358,6 +369,32 @@ wrk_rps() { awk '/^Requests\/sec:/ { print $2 }' "$1"; }                 # FILE
 wrk_non2xx() { awk '/Non-2xx or 3xx responses:/ { print $NF }' "$1"; } # FILE
 wrk_ms() { # FILE PERCENTILE (50%, 99%, ...) -> latency in ms
   awk -v p="$2" '$1 == p { v = $2; if (v ~ /us$/) v = v / 1000; else if (v ~ /ms$/) v = v + 0; else if (v ~ /s$/) v = v * 1000; print v }' "$1"
+}
+
+# wrk_once SERVER RUN: wrk on manifest_url with $OUT/manifest.lua (see
+# wrk_lua) for $WRK_DURATION; records wrk_rps and wrk_p99_ms, and an error
+# for non-2xx answers or socket errors.
+wrk_once() { # SERVER RUN
+  local f=$OUT/wrk-$1-$2.txt rps non2xx sockerr
+  wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$WRK_DURATION" --latency -s "$OUT/manifest.lua" \
+    "$(manifest_url "$1")" >"$f" 2>&1 || { err "$1: wrk failed (run $2), see $f"; return 0; }
+  rps=$(wrk_rps "$f")
+  non2xx=$(wrk_non2xx "$f")
+  sockerr=$(grep -c '^  Socket errors:' "$f" || true)
+  [[ -n $rps ]] || { err "$1: no Requests/sec in $f"; return 0; }
+  [[ -z $non2xx ]] || err "$1: wrk run $2 saw $non2xx non-2xx/3xx responses"
+  [[ $sockerr == 0 ]] || err "$1: wrk run $2 saw socket errors: $(grep 'Socket errors' "$f")"
+  record wrk_rps "$1" "$2" "$rps"
+  record wrk_p99_ms "$1" "$2" "$(wrk_ms "$f" 99%)"
+  log "wrk   run $2 $(printf '%-8s' "$1") $rps req/s"
+}
+
+wrk_warmup() { # SERVER...: 2 s of wrk each, discarded
+  local s
+  for s in "$@"; do
+    wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d2s -s "$OUT/manifest.lua" "$(manifest_url "$s")" >/dev/null 2>&1 \
+      || err "$s: wrk warm-up failed"
+  done
 }
 
 # --------------------------------------------------------------------------

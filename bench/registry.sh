@@ -51,7 +51,6 @@ STRACE=${STRACE:-0}
 bench_init
 
 has() { in_list "$1" "$SERVERS"; }
-manifest_url() { echo "${BASE[$1]}/v2/$REPO_NAME/manifests/$TAG"; }
 
 status_kib() { # PID FIELD -> value in kB from /proc/PID/status
   awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status"
@@ -113,14 +112,6 @@ done
 # --------------------------------------------------------------------------
 # 1. Blob throughput, alternating
 # --------------------------------------------------------------------------
-blob_once() { # SERVER RUN
-  local speed
-  get_checked "$1: blob run $2" "$(blob_url "$1")" speed_download "$BLOB_BYTES" || return 0
-  speed=$GOT
-  record blob_Bps "$1" "$2" "$speed"
-  log "blob  run $2 $(printf '%-8s' "$1") $(awk -v s="$speed" 'BEGIN { printf "%7.0f MiB/s", s/1048576 }')"
-}
-
 for run in $(seq "$RUNS"); do
   for s in $(in_turn "$run" "$SERVERS"); do blob_once "$s" "$run"; done
 done
@@ -129,26 +120,8 @@ done
 # 2. Manifest GET/s with wrk, alternating
 # --------------------------------------------------------------------------
 wrk_lua "$OCI_MANIFEST"
-
-wrk_once() { # SERVER RUN
-  local f=$OUT/wrk-$1-$2.txt rps non2xx sockerr
-  wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$WRK_DURATION" --latency -s "$OUT/manifest.lua" \
-    "$(manifest_url "$1")" >"$f" 2>&1 || { err "$1: wrk failed (run $2), see $f"; return 0; }
-  rps=$(wrk_rps "$f")
-  non2xx=$(wrk_non2xx "$f")
-  sockerr=$(grep -c '^  Socket errors:' "$f" || true)
-  [[ -n $rps ]] || { err "$1: no Requests/sec in $f"; return 0; }
-  [[ -z $non2xx ]] || err "$1: wrk run $2 saw $non2xx non-2xx/3xx responses"
-  [[ $sockerr == 0 ]] || err "$1: wrk run $2 saw socket errors: $(grep 'Socket errors' "$f")"
-  record wrk_rps "$1" "$2" "$rps"
-  record wrk_p99_ms "$1" "$2" "$(wrk_ms "$f" 99%)"
-  log "wrk   run $2 $(printf '%-8s' "$1") $rps req/s"
-}
-
-for s in $SERVERS; do # short warm-up, discarded
-  wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d2s -s "$OUT/manifest.lua" "$(manifest_url "$s")" >/dev/null 2>&1 \
-    || err "$s: wrk warm-up failed"
-done
+# shellcheck disable=SC2086  # one server name per word
+wrk_warmup $SERVERS
 for run in $(seq "$WRK_RUNS"); do
   for s in $(in_turn "$run" "$SERVERS"); do wrk_once "$s" "$run"; done
 done

@@ -22,6 +22,7 @@ pub fn require(cmd: &str) {
         "mount" | "umount" => "mount",
         "htpasswd" => "apache2-utils",
         "systemd-analyze" => "systemd",
+        "dockerd" => "docker.io",
         other => other,
     };
     require_from(cmd, package);
