@@ -33,15 +33,26 @@ fn lock<K, V>(f: &Flights<K, V>) -> MutexGuard<'_, HashMap<K, watch::Receiver<Op
     f.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Removes the key when the task ends, also when the work panics.
-struct Landing<K: Eq + Hash, V> {
-    flights: Flights<K, V>,
+/// Removes `key` from a shared map when dropped, also while a panic
+/// unwinds: what a task in flight leaves when it ends, however it ends. The
+/// mirror's downloads use it too.
+pub(crate) struct RemoveOnDrop<K: Eq + Hash, V> {
+    map: Arc<Mutex<HashMap<K, V>>>,
     key: K,
 }
 
-impl<K: Eq + Hash, V> Drop for Landing<K, V> {
+impl<K: Eq + Hash, V> RemoveOnDrop<K, V> {
+    pub(crate) fn new(map: Arc<Mutex<HashMap<K, V>>>, key: K) -> Self {
+        RemoveOnDrop { map, key }
+    }
+}
+
+impl<K: Eq + Hash, V> Drop for RemoveOnDrop<K, V> {
     fn drop(&mut self) {
-        lock(&self.flights).remove(&self.key);
+        self.map
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&self.key);
     }
 }
 
@@ -74,10 +85,7 @@ where
         // Started outside the lock: `work` is the caller's code, and the
         // landing must be able to take the lock if it panics.
         if let Some(tx) = start {
-            let landing = Landing {
-                flights: Arc::clone(&self.flights),
-                key,
-            };
+            let landing = RemoveOnDrop::new(Arc::clone(&self.flights), key);
             let fut = work();
             tokio::spawn(async move {
                 let outcome = fut.await;

@@ -35,6 +35,7 @@ use crate::sources::mirror::upstream::{Target, UpstreamError, Upstreams};
 use crate::sources::{ErrorKind, SourceError};
 use crate::store::{ManifestVariant, Store, StoreError, TagRecord, MAX_MANIFEST_SIZE};
 use crate::telemetry::metrics::{self, METRICS};
+use crate::util::singleflight::RemoveOnDrop;
 
 /// Body frames waiting for the writer (hyper's frames are at most a few
 /// hundred KiB, so this bounds a download's memory to a few MiB).
@@ -89,22 +90,6 @@ impl From<MirrorError> for SourceError {
     }
 }
 
-/// Removes a download from [`Mirror::downloads`] when dropped.
-struct Forget {
-    mirror: Arc<Mirror>,
-    digest: Digest,
-}
-
-impl Drop for Forget {
-    fn drop(&mut self) {
-        self.mirror
-            .downloads
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .remove(&self.digest);
-    }
-}
-
 type TagKey = (RegistryHost, RepoName, Tag);
 
 pub(crate) struct Mirror {
@@ -113,7 +98,7 @@ pub(crate) struct Mirror {
     tag_ttl: Duration,
     /// When each tag was last confirmed with its upstream (or found unreachable).
     checked: Mutex<HashMap<TagKey, Instant>>,
-    downloads: Mutex<HashMap<Digest, Arc<Download>>>,
+    downloads: Arc<Mutex<HashMap<Digest, Arc<Download>>>>,
 }
 
 impl Mirror {
@@ -123,7 +108,7 @@ impl Mirror {
             upstreams,
             tag_ttl,
             checked: Mutex::new(HashMap::new()),
-            downloads: Mutex::new(HashMap::new()),
+            downloads: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -352,10 +337,8 @@ impl Mirror {
                     tokio::spawn(async move {
                         // Forgotten when the task ends, also by a panic, so
                         // the next request starts a new download.
-                        let _forget = Forget {
-                            mirror: Arc::clone(&this),
-                            digest: dl.digest.clone(),
-                        };
+                        let _forget =
+                            RemoveOnDrop::new(Arc::clone(&this.downloads), dl.digest.clone());
                         let result = this.download(&host, &repo, &dl, &tx).await;
                         let digest = &dl.digest;
                         match result {
