@@ -32,7 +32,12 @@ let
 
   server =
     # containerd's default server for `_default` is each image's own registry.
-    if elem host nixRegistries || host == "_default" then ""
+    if host == "_default" then ""
+    # Without a server containerd would fall back to https://nix.local (a DNS
+    # lookup whose error hides the daemon's answer): the daemon is both.
+    else if elem host nixRegistries then
+      "# ${host} exists only in nixery-local: the daemon is also the server, so\n"
+      + "# containerd never looks the name up.\nserver = \"${mirrorUrl}\"\n"
     else "server = \"${upstream}\"\n";
 in
 header

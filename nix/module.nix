@@ -69,6 +69,15 @@ in
               unless you mean to serve the cache to other machines.
             '';
           };
+          state-dir = mkOption {
+            type = types.str;
+            default = "/var/lib/nixery-local";
+            description = ''
+              The cache: the service's StateDirectory=. It is named in
+              /etc/nixery-local/config.toml so that every nixery-local command
+              (import, ls, gc, build, prefetch, doctor) uses the same cache.
+            '';
+          };
           nix-registry = mkOption {
             type = with types; nullOr (listOf str);
             default = null;

@@ -40,6 +40,9 @@ const SPEC_CODES: &[&str] = &[
 
 struct Fixture {
     daemon: Daemon,
+    /// An empty upstream for every registry the checks name, so a miss is
+    /// the upstream's real 404 (an unreachable one is a 502, not a miss).
+    _upstream: DockerRegistry,
     /// docker.io/library/hello:1 and :latest
     oci: TestImage,
     /// docker.io/library/hello-docker:1
@@ -74,8 +77,16 @@ fn fixture() -> &'static Fixture {
     F.get_or_init(|| {
         let dir = scratch_dir("conformance");
         let (state, [oci, docker, multi, ranges, portreg]) = setup(&dir);
+        let upstream = DockerRegistry::start();
+        let upstreams = ["docker.io", "ghcr.io", "myreg.io", "myreg.io:5000"]
+            .map(|host| format!("--upstream={host}={}", upstream.url()));
         Fixture {
-            daemon: Daemon::builder().state_dir(&state).in_process().start(),
+            daemon: Daemon::builder()
+                .state_dir(&state)
+                .args(upstreams)
+                .in_process()
+                .start(),
+            _upstream: upstream,
             oci,
             docker,
             multi,
@@ -621,7 +632,7 @@ fn assert_refused(r: &Response, what: &str) {
 fn writes_are_refused_and_change_nothing() {
     let dir = tempdir("nl-readonly");
     let (state, [oci, docker, ..]) = setup(dir.path());
-    let d = Daemon::start_in(&state, &[]);
+    let d = Daemon::start_in(&state, &["--offline"]);
     let before = list_files(&state);
     let a = d.addr();
     let layer = &oci.layer_digests[0];
@@ -680,8 +691,10 @@ fn writes_are_refused_and_change_nothing() {
     // The tag still resolves to the same manifest; nothing was written.
     let r = request(a, "GET", "/v2/library/hello/manifests/1", &[]);
     assert_manifest_response(&r, "after refusals", &oci, true);
+    // Not cached, and offline: a 502 that says so, not a miss.
     let r = request(a, "GET", "/v2/library/new-repo/manifests/1", &[]);
-    assert_eq!(r.status, 404, "{r}");
+    assert_eq!(r.status, 502, "{r}");
+    assert!(r.reason.contains("offline"), "{r}");
     let r = request(a, "GET", &format!("/v2/library/hello/blobs/{layer}"), &[]);
     assert_eq!(r.status, 200, "{r}");
     assert_eq!(list_files(&state), before, "state dir changed");
@@ -922,7 +935,7 @@ fn import_normalises_references_and_picks_the_tagged_descriptor() {
     let out = import(&state, &image.dir, "hello:3");
     assert!(!out.status.success(), "import hello:3 picked something");
 
-    let d = Daemon::start_in(&state, &[]);
+    let d = Daemon::start_in(&state, &["--offline"]);
     let r = request(
         d.addr(),
         "GET",
@@ -933,7 +946,7 @@ fn import_normalises_references_and_picks_the_tagged_descriptor() {
     let r = request(d.addr(), "GET", "/v2/library/hello/manifests/2", &[]);
     assert_manifest_response(&r, "hello:2", &other, true);
     let r = request(d.addr(), "GET", "/v2/library/hello/manifests/3", &[]);
-    assert_eq!(r.status, 404, "{r}");
+    assert_eq!(r.status, 502, "not imported, and offline: {r}");
     let r = request(d.addr(), "GET", "/v2/library/hello/tags/list", &[]);
     assert_eq!(r.json()["tags"], serde_json::json!(["1", "2"]), "{r}");
 }

@@ -88,8 +88,9 @@ fn gc_evicts_least_recently_used_and_frees_the_disk() {
     );
     assert_eq!(r.status, 200);
     assert_eq!(sha256_digest(&r.body), *layer);
+    // Evicted, and the daemon is offline: a 502 that says so.
     let r = request(daemon.addr(), "GET", "/v2/library/a/manifests/1", &[]);
-    assert_eq!(r.status, 404, "{r}");
+    assert_eq!(r.status, 502, "{r}");
     let listing = run(&["ls", "--state-dir", s]);
     assert!(
         !listing.contains("library/a:1") && listing.contains("library/b:1"),

@@ -371,8 +371,8 @@ fn cached_images_survive_upstream_loss_and_offline_mode() {
             Duration::from_secs(10),
         );
         assert!(
-            r.status == 404 && r.elapsed < Duration::from_secs(2),
-            "offline miss GET {path}: expected a 404 within 2 s, got {}",
+            r.status == 502 && r.elapsed < Duration::from_secs(2) && r.reason.contains("offline"),
+            "offline miss GET {path}: expected a 502 saying offline within 2 s, got {}",
             r.summary()
         );
     }
@@ -546,15 +546,16 @@ fn misbehaving_upstream_is_never_cached_and_fails_loudly() {
         }
     }
 
-    // Manifest misses the daemon cannot serve: a quick 404.
+    // Manifests the daemon cannot serve: a quick 502 (containerd moves on
+    // to its next host, and reports this reason rather than "not found").
     for (what, repo, limit) in [
         ("upstream 500", "library/err", 3),
         ("upstream hangs", "library/hang", 6),
     ] {
         let r = get_manifest(&daemon, &format!("/v2/{repo}/manifests/1"));
         expect!(
-            r.status == 404 && r.elapsed < Duration::from_secs(limit),
-            "uncached manifest, {what}: expected 404 within {limit} s, got {}",
+            r.status == 502 && r.elapsed < Duration::from_secs(limit),
+            "uncached manifest, {what}: expected 502 within {limit} s, got {}",
             r.summary()
         );
     }
@@ -989,15 +990,15 @@ fn unconfigured_loopback_upstreams_are_refused() {
         let path = manifest_path("library/hello", "1", Some(&host));
         let r = get_manifest(&daemon, &path);
         assert!(
-            r.status == 404 && r.elapsed < Duration::from_secs(2),
-            "GET {path} (an unconfigured loopback upstream): expected a quick 404, got {}",
+            r.status == 502 && r.elapsed < Duration::from_secs(2) && r.reason.contains("--upstream"),
+            "GET {path} (an unconfigured loopback upstream): expected a quick 502 saying why, got {}",
             r.summary()
         );
     }
     let r = get_manifest(&daemon, "/v2/library/hello/manifests/1?ns=10.1.2.3");
     assert!(
-        r.status == 404 && r.elapsed < Duration::from_secs(2),
-        "ns=10.1.2.3 (private): expected a quick 404, got {}",
+        r.status == 502 && r.elapsed < Duration::from_secs(2) && r.reason.contains("--upstream"),
+        "ns=10.1.2.3 (private): expected a quick 502 saying why, got {}",
         r.summary()
     );
     assert_eq!(

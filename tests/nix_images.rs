@@ -272,13 +272,13 @@ fn ctr_pull(ctrd: &Containerd, d: &Daemon, reference: &str, repo_query: &str) {
 // Real clients
 // ---------------------------------------------------------------------------
 
-/// containerd pulls `nix.local/…` through a hosts.toml mirror entry (there
-/// is no upstream: `server` is dead) and runs what it pulled.
+/// containerd pulls `nix.local/…` through the hosts.toml that `setup
+/// containerd` writes and runs what it pulled.
 #[test]
 fn containerd_pulls_and_runs_nix_local_images() {
     let (d, _log) = nix_daemon(&[]);
     let ctrd = Containerd::start();
-    ctrd.hosts_dir_with_server("nix.local", "https://127.0.0.1:1", &d.url());
+    ctrd.setup_by_cli(&d.host_port());
 
     ctr_pull(&ctrd, &d, "nix.local/hello:latest", "hello?ns=nix.local");
     let out = ctrd.run_ok("nix.local/hello:latest", &["hello"]);
@@ -384,7 +384,7 @@ fn zstd_and_uncompressed_layers_pull_and_run() {
             );
         }
         let ctrd = Containerd::start();
-        ctrd.hosts_dir_with_server("nix.local", "https://127.0.0.1:1", &d.url());
+        ctrd.setup_by_cli(&d.host_port());
         ctr_pull(&ctrd, &d, "nix.local/hello:latest", "hello?ns=nix.local");
         let out = ctrd.run_ok("nix.local/hello:latest", &["hello"]);
         assert!(
@@ -725,10 +725,11 @@ fn unknown_packages_are_all_named() {
     ] {
         let path = manifest_path(repo, "latest");
         let r = get_accept(&d, &path, OCI_MANIFEST);
-        assert_eq!(r.status, 404, "GET {path}\n{r}");
+        // Not a 404: containerd would print only "not found".
+        assert_eq!(r.status, 400, "GET {path}\n{r}");
         assert_eq!(
             r.error_code().as_deref(),
-            Some("MANIFEST_UNKNOWN"),
+            Some("NAME_INVALID"),
             "GET {path}\n{r}"
         );
         let msg = error_message(&r);
@@ -1003,40 +1004,65 @@ fn concurrent_pulls_share_one_build_and_disconnects_do_not_cancel() {
 /// print the JSON message of a 4xx, and the reason phrase of a 5xx, which
 /// carries the message too (they ignore 5xx bodies); containerd resolves
 /// with HEAD and prints only the status line, so the reason phrase is all it
-/// shows. (For a 404 containerd tries its next host and says only "not
-/// found": the JSON message reaches Docker and skopeo.)
+/// shows, and a 404 would show as "not found": these failures are not 404s.
+/// containerd, through the hosts.toml `setup containerd` writes, never falls
+/// back to https://nix.local, so it never looks the name up.
 #[test]
 fn failures_show_their_reason_in_every_client() {
     let (d, _log) = nix_daemon(&[]);
     let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    // No package set at all: NIX_PATH names none and no flag sets one.
+    let unconfigured = Daemon::builder().env("NIX_PATH", "").start();
+    const UNCONFIGURED_MSG: &str = "no Nix package set is configured";
 
     let ctrd = Containerd::start();
-    ctrd.hosts_dir_with_server("nix.local", "https://127.0.0.1:1", &d.url());
-    let out = ctrd.pull("nix.local/broken:latest", &[]);
-    assert!(
-        !out.status.success(),
-        "ctr pull of a broken build succeeded"
-    );
-    assert!(
-        stderr(&out).contains(BROKEN_MSG),
-        "ctr stderr:\n{}",
-        stderr(&out)
-    );
-
-    let docker = Dockerd::start();
-    let skopeo_ref = |name: &str| format!("docker://{}/nix/{name}", d.host_port());
+    ctrd.setup_by_cli(&d.host_port());
     for (name, reason) in [
         ("broken", BROKEN_MSG),
         ("nosuchpkg", "unknown packages: nosuchpkg"),
     ] {
-        let out = docker.docker(&["pull", &format!("{}/nix/{name}", d.host_port())]);
+        let out = ctrd.pull(&format!("nix.local/{name}:latest"), &[]);
+        assert!(
+            !out.status.success(),
+            "ctr pull of nix.local/{name} succeeded"
+        );
+        assert!(
+            stderr(&out).contains(reason),
+            "ctr pull nix.local/{name}: {reason:?} missing from\n{}",
+            stderr(&out)
+        );
+    }
+    let other = Containerd::start();
+    other.setup_by_cli(&unconfigured.host_port());
+    let out = other.pull("nix.local/hello:latest", &[]);
+    assert!(
+        !out.status.success() && stderr(&out).contains(UNCONFIGURED_MSG),
+        "ctr pull without a package set:\n{}",
+        stderr(&out)
+    );
+    for c in [&ctrd, &other] {
+        let log = c.log_text();
+        assert!(
+            !log.contains("host=nix.local") && !log.contains("lookup nix.local"),
+            "containerd tried nix.local itself:\n{log}"
+        );
+    }
+
+    let docker = Dockerd::start();
+    for (daemon, name, reason) in [
+        (&d, "broken", BROKEN_MSG),
+        (&d, "nosuchpkg", "unknown packages: nosuchpkg"),
+        (&unconfigured, "hello", UNCONFIGURED_MSG),
+    ] {
+        let out = docker.docker(&["pull", &format!("{}/nix/{name}", daemon.host_port())]);
         assert!(!out.status.success(), "docker pull nix/{name} succeeded");
         assert!(
             stderr(&out).contains(reason),
             "docker pull nix/{name}: {reason:?} missing from\n{}",
             stderr(&out)
         );
-        let out = skopeo(&["inspect", "--tls-verify=false", &skopeo_ref(name)]);
+        let skopeo_ref = format!("docker://{}/nix/{name}", daemon.host_port());
+        let out = skopeo(&["inspect", "--tls-verify=false", &skopeo_ref]);
         assert!(!out.status.success(), "skopeo inspect nix/{name} succeeded");
         assert!(
             stderr(&out).contains(reason),

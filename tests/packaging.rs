@@ -736,16 +736,21 @@ fn nixos_module_wires_the_shipped_units_config_and_containerd() {
             "containerd/certs.d/nix.local/hosts.toml",
         ]
     );
+    // A Nix registry's server is the daemon itself: no DNS lookup of it.
     assert!(
-        !module["hostsFiles"]["containerd/certs.d/nix.corp/hosts.toml"]
+        module["hostsFiles"]["containerd/certs.d/nix.corp/hosts.toml"]
             .as_str()
             .expect("text")
-            .contains("server =")
+            .contains("\nserver = \"http://127.0.0.1:7733\"\n")
     );
-    // Defaults: loopback, and no containerd files unless asked for.
+    // Defaults: loopback, the service's cache named for the CLI, and no
+    // containerd files unless asked for.
     let module = eval_module(&json!({}), &json!({}), true);
     assert_eq!(module["listenStream"], json!(["", "127.0.0.1:7733"]));
-    assert_eq!(module["configText"], "listen = \"127.0.0.1:7733\"\n");
+    assert_eq!(
+        module["configText"],
+        "listen = \"127.0.0.1:7733\"\nstate-dir = \"/var/lib/nixery-local\"\n"
+    );
     assert_eq!(module["hostsFiles"], json!({}));
     assert_eq!(module["containerdConfigPath"], Value::Null);
     // Disabled: no config at all.

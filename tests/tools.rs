@@ -130,3 +130,61 @@ fn doctor_reports_the_daemon_and_how_to_fix_what_is_missing() {
     assert!(text.contains("FAIL  package source"), "{text}");
     assert!(text.contains("/nonexistent/pkgs does not exist"), "{text}");
 }
+
+/// One cache for every command: run as root, `import` works as the cache's
+/// owner (the service's user), so the service can later evict what it
+/// wrote; run as someone who cannot write the cache, it says so and names a
+/// way out instead of using another directory.
+#[test]
+fn commands_work_as_the_cache_owner_or_say_why_not() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let root = tempdir("nl-owner");
+    // The layout must be readable by the owner, as under /tmp it would be.
+    std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let image = busybox_layout(&root.path().join("img"), "1", "owned");
+    let state = root.path().join("state");
+    std::fs::create_dir(&state).expect("mkdir");
+    let nobody = "nobody";
+    let status = Command::new("chown")
+        .args([&format!("{nobody}:nogroup"), state.to_str().expect("utf8")])
+        .status()
+        .expect("chown");
+    assert!(status.success());
+
+    let out = import(&state, &image.dir, "docker.io/library/owned:1");
+    assert_success("import as root into nobody's cache", &out);
+    let owner = std::fs::metadata(&state).expect("stat").uid();
+    let mut files = 0;
+    for path in list_files(&state) {
+        let meta = std::fs::symlink_metadata(state.join(&path)).expect("stat");
+        assert_eq!(
+            meta.uid(),
+            owner,
+            "{} is not the cache owner's",
+            path.display()
+        );
+        files += 1;
+    }
+    assert!(files > 0, "import wrote nothing");
+
+    // Someone without write access to the cache: a clear refusal. (A copy
+    // of the binary: the checkout may not be reachable for that user.)
+    let exe = root.path().join("nixery-local");
+    std::fs::copy(bin(), &exe).expect("copy the binary");
+    let out = output_timeout(
+        Command::new("setpriv")
+            .args(["--reuid=daemon", "--regid=daemon", "--clear-groups"])
+            .arg(&exe)
+            .arg("gc")
+            .arg("--state-dir")
+            .arg(&state),
+        std::time::Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("you cannot write to the cache")
+            && err.contains("--state-dir"),
+        "gc by a user who cannot write the cache:\n{err}"
+    );
+}

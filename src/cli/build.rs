@@ -10,10 +10,11 @@ use nixery_local::app::open_store;
 use nixery_local::oci::reference::{RepoName, Tag};
 use nixery_local::sources::nix::NixImages;
 
+use super::cache::Access;
 use super::{Common, Failure};
 
 pub fn run(common: Common, name: &str) -> Result<(), Failure> {
-    let settings = common.settings()?;
+    let settings = common.cache_settings(Access::Write)?;
     let (packages, tag) = match name.rsplit_once(':') {
         Some((p, t)) => (p, t),
         None => (name, "latest"),

@@ -6,7 +6,7 @@ use nixery_local::ops::doctor::Verdict;
 use super::{Common, Failure};
 
 pub fn run(common: Common) -> Result<(), Failure> {
-    let settings = common.settings()?;
+    let settings = common.system_settings()?;
     let checks = nixery_local::ops::doctor::run(&settings);
     let mut failed = false;
     for c in &checks {

@@ -7,7 +7,8 @@ use nixery_local::app::{max_cache_bytes, open_store};
 use nixery_local::config::Options;
 use nixery_local::store::gc::{self, Usage};
 
-use super::{CacheArgs, Failure};
+use super::cache::{Access, CacheArgs};
+use super::Failure;
 
 #[derive(clap::Args)]
 pub struct GcArgs {
@@ -20,10 +21,13 @@ pub struct GcArgs {
 }
 
 pub fn run(args: GcArgs) -> Result<(), Failure> {
-    let settings = args.cache.settings(Options {
-        max_cache_size: args.max_cache_size,
-        ..Options::default()
-    })?;
+    let settings = args.cache.settings(
+        Options {
+            max_cache_size: args.max_cache_size,
+            ..Options::default()
+        },
+        Access::Write,
+    )?;
     let store = open_store(&settings)?;
     let usage = Usage::load(&store).context("reading cache access times")?;
     let max = max_cache_bytes(&settings);

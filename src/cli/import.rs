@@ -10,7 +10,8 @@ use nixery_local::app::open_store;
 use nixery_local::config::Options;
 use nixery_local::oci::reference::ImageRef;
 
-use super::{usage, CacheArgs, Failure};
+use super::cache::{Access, CacheArgs};
+use super::{usage, Failure};
 
 #[derive(Args)]
 pub struct ImportArgs {
@@ -23,7 +24,7 @@ pub struct ImportArgs {
 }
 
 pub fn run(args: ImportArgs) -> Result<(), Failure> {
-    let settings = args.cache.settings(Options::default())?;
+    let settings = args.cache.settings(Options::default(), Access::Write)?;
     let reference: ImageRef = args.reference.parse().map_err(usage)?;
     let store = open_store(&settings)?;
     let digest = nixery_local::sources::layout::import_layout(&store, &args.layout, &reference)

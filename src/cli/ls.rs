@@ -10,10 +10,11 @@ use nixery_local::util::time::now_secs;
 
 use nixery_local::config::Options;
 
-use super::{CacheArgs, Failure};
+use super::cache::{Access, CacheArgs};
+use super::Failure;
 
 pub fn run(args: CacheArgs) -> Result<(), Failure> {
-    let settings = args.settings(Options::default())?;
+    let settings = args.settings(Options::default(), Access::Read)?;
     let store = open_store(&settings)?;
     let usage = Usage::load(&store).context("reading cache access times")?;
     let images = gc::images(&store, &usage.snapshot()).context("listing the cache")?;

@@ -4,6 +4,7 @@
 //! message form everywhere.
 
 mod build;
+mod cache;
 mod doctor;
 mod gc;
 mod import;
@@ -21,6 +22,8 @@ use clap::{Args, Parser, Subcommand};
 use nixery_local::config::{ConfigError, Options, Settings};
 use nixery_local::ops::setup::SetupCommand;
 use nixery_local::sources::mirror::upstream::Upstreams;
+
+use cache::CacheArgs;
 
 /// sysexits' EX_USAGE: the command line or config file is wrong.
 const EXIT_USAGE: u8 = 64;
@@ -40,7 +43,8 @@ pub struct Cli {
 #[derive(Args)]
 struct Common {
     /// TOML file with any of the options below (same names, e.g.
-    /// `state-dir = "/var/cache/nixery-local"`); flags win over it.
+    /// `state-dir = "/var/cache/nixery-local"`); flags win over it [default,
+    /// but for `serve`: /etc/nixery-local/config.toml when it exists].
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(flatten)]
@@ -50,29 +54,6 @@ struct Common {
 impl Common {
     fn settings(self) -> Result<Settings, Failure> {
         settings(self.config, self.options)
-    }
-}
-
-/// Where the cache is, for the commands that only read or change the cache
-/// (not every option of `serve`).
-#[derive(Args)]
-struct CacheArgs {
-    /// TOML config file, the same as `serve --config`; only its cache
-    /// settings matter here.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// The cache directory (defaults as for `serve`).
-    #[arg(long, value_name = "DIR")]
-    state_dir: Option<PathBuf>,
-}
-
-impl CacheArgs {
-    fn settings(self, flags: Options) -> Result<Settings, Failure> {
-        let flags = Options {
-            state_dir: self.state_dir,
-            ..flags
-        };
-        settings(self.config, flags)
     }
 }
 

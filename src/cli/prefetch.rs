@@ -5,10 +5,11 @@ use nixery_local::app::App;
 use nixery_local::oci::reference::ImageRef;
 use nixery_local::registry::prefetch::prefetch;
 
+use super::cache::Access;
 use super::{runtime, upstreams, usage, Common, Failure};
 
 pub fn run(common: Common, images: &[String]) -> Result<(), Failure> {
-    let settings = common.settings()?;
+    let settings = common.cache_settings(Access::Write)?;
     let refs = images
         .iter()
         .map(|i| i.parse::<ImageRef>().map_err(usage))

@@ -73,9 +73,16 @@ impl ApiError {
             // A fast 404 lets containerd fall back to its next host. Clients
             // print the code's own text ("manifest unknown") before the
             // message, so the message does not repeat it.
-            ErrorKind::NotFound | ErrorKind::Unavailable => {
+            ErrorKind::NotFound => {
                 tracing::info!(error = %e, "miss");
                 ApiError::new(StatusCode::NOT_FOUND, missing, e.to_string())
+            }
+            // Not a 404: containerd falls back to its next host on any error,
+            // but reports the first non-404 one, so the reason (upstream down,
+            // refused, offline) reaches the terminal instead of "not found".
+            ErrorKind::Unavailable => {
+                tracing::info!(error = %e, "upstream unavailable");
+                ApiError::new(StatusCode::BAD_GATEWAY, ErrorCode::Unknown, e.to_string())
             }
             ErrorKind::Invalid => ApiError::new(
                 StatusCode::BAD_REQUEST,

@@ -6,12 +6,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::{assert_success, forward_lines, output_timeout, require, unmount_all_under, Proc};
+use super::{assert_success, bin, forward_lines, output_timeout, require, unmount_all_under, Proc};
 
 /// A private containerd (own root, state, sockets) for one test.
 pub struct Containerd {
@@ -19,6 +20,8 @@ pub struct Containerd {
     socket: PathBuf,
     snapshotter: String,
     proc: Proc,
+    /// containerd's own log: which hosts it tried, and why it moved on.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Containerd {
@@ -62,13 +65,18 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         let mut cmd = Command::new("containerd");
         cmd.arg("--config").arg(&config_path);
         let mut proc = Proc::spawn(cmd);
-        forward_lines("containerd".into(), proc.stderr(), |_| {});
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = Arc::clone(&log);
+        forward_lines("containerd".into(), proc.stderr(), move |line| {
+            lines.lock().expect("log lock").push(line.to_owned())
+        });
         forward_lines("containerd stdout".into(), proc.stdout(), |_| {});
         let mut c = Containerd {
             dir,
             socket,
             snapshotter: "overlayfs".into(),
             proc,
+            log,
         };
 
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -114,6 +122,26 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     /// The `--hosts-dir` directory (shared by all hosts of this instance).
     pub fn certs_dir(&self) -> PathBuf {
         self.dir.path().join("certs.d")
+    }
+
+    /// containerd's log so far, one line each.
+    pub fn log_text(&self) -> String {
+        self.log.lock().expect("log lock").join("\n")
+    }
+
+    /// The hosts files the real `nixery-local setup containerd` writes for a
+    /// daemon on `listen`, into this instance's `--hosts-dir`.
+    pub fn setup_by_cli(&self, listen: &str) -> PathBuf {
+        let certs = self.certs_dir();
+        let out = output_timeout(
+            Command::new(bin())
+                .args(["setup", "containerd", "--hosts-dir"])
+                .arg(&certs)
+                .args(["--listen", listen]),
+            Duration::from_secs(30),
+        );
+        assert_success("nixery-local setup containerd", &out);
+        certs
     }
 
     /// `ctr --address SOCK --namespace test ARGS` (120 s limit), with the

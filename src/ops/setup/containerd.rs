@@ -31,15 +31,22 @@ fn upstream(host: &str) -> String {
 
 /// `hosts.toml` for `host`: the daemon as a pull/resolve mirror, the real
 /// registry as `server`, which containerd falls back to when the daemon
-/// answers 404 or cannot be reached.
+/// fails or cannot be reached. A Nix registry's server is the daemon.
 pub(crate) fn hosts_toml(host: &str, mirror_url: &str) -> String {
     let mut s = format!(
         "{MARKER} ({host}); rerunning setup rewrites this file.\n\
          # Delete the line above to keep your own edits: setup then leaves the file alone.\n"
     );
     match host {
+        // Without a server line containerd falls back to https://nix.local:
+        // an mDNS lookup, whose DNS error hides the daemon's answer.
+        // containerd 1.6 also needs the [host] table, so the daemon is both.
         NIX_REGISTRY => {
-            s.push_str("# nix.local exists only in nixery-local: no upstream to fall back to.\n")
+            let _ = writeln!(
+                s,
+                "# nix.local exists only in nixery-local: the daemon is also the server, so\n\
+                 # containerd never looks the name up.\nserver = \"{mirror_url}\""
+            );
         }
         // containerd's default for the server is https://<host>, which for
         // `_default` is each image's own registry.
@@ -91,12 +98,13 @@ mod tests {
             "\n[host.\"http://127.0.0.1:7733\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
         ));
         assert!(hosts_toml("ghcr.io", &url).contains("\nserver = \"https://ghcr.io\"\n"));
+        assert!(!hosts_toml(DEFAULT_HOST_DIR, &url).contains("server ="));
         for host in [NIX_REGISTRY, DEFAULT_HOST_DIR] {
-            let s = hosts_toml(host, &url);
-            assert!(!s.contains("server ="), "{s}");
-            let parsed: toml::Value = toml::from_str(&s).expect("valid TOML");
+            let parsed: toml::Value = toml::from_str(&hosts_toml(host, &url)).expect("valid TOML");
             assert!(parsed["host"]["http://127.0.0.1:7733"].is_table());
         }
+        let nix: toml::Value = toml::from_str(&hosts_toml(NIX_REGISTRY, &url)).expect("TOML");
+        assert_eq!(nix["server"].as_str(), Some("http://127.0.0.1:7733"));
         let parsed: toml::Value = toml::from_str(&docker).expect("valid TOML");
         assert_eq!(
             parsed["host"]["http://127.0.0.1:7733"]["capabilities"],

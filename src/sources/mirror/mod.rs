@@ -79,7 +79,7 @@ impl From<MirrorError> for SourceError {
             | MirrorError::Status { .. }
             | MirrorError::BadManifest { .. }
             | MirrorError::Download { .. } => ErrorKind::Unavailable,
-            // Still a fast miss, so that containerd falls back to the
+            // Still a fast answer, so that containerd falls back to the
             // upstream itself; the cause goes to the log.
             MirrorError::Store(_) | MirrorError::Task(_) => {
                 tracing::error!(error = %e, "the cache failed while filling a miss");
@@ -163,8 +163,13 @@ impl Mirror {
                 self.mark_checked(key);
                 Ok(())
             }
-            // The upstream says the tag does not exist: that is the answer.
-            Err(e @ MirrorError::NotFound(_)) => Err(e),
+            // The upstream lacks a tag the cache holds (an import, or a tag
+            // deleted upstream): serve the cache, as distribution's proxy does.
+            Err(MirrorError::NotFound(_)) if usable => {
+                tracing::info!(image = %what, "upstream has no such tag; serving the cached one");
+                self.mark_checked(key);
+                Ok(())
+            }
             Err(e) if usable => {
                 tracing::warn!(image = %what, error = %e, "upstream unavailable; serving the cached digest");
                 self.mark_checked(key);
@@ -346,6 +351,10 @@ impl Mirror {
                                 tracing::info!(%digest, size, "blob cached from upstream");
                                 let _ = tx.send(Progress::Done { size });
                             }
+                            Err(MirrorError::NotFound(what)) => {
+                                tracing::info!(%digest, "upstream has no such blob");
+                                let _ = tx.send(Progress::Missing(what));
+                            }
                             Err(e) => {
                                 tracing::warn!(%digest, error = %e, "blob download failed");
                                 let _ = tx.send(Progress::Failed(e.to_string()));
@@ -356,10 +365,15 @@ impl Mirror {
                 }
             }
         };
-        download.size().await.map_err(|e| MirrorError::Download {
-            digest: digest.clone(),
-            message: e.to_string(),
-        })?;
+        if let Err(e) = download.size().await {
+            return Err(match &*download.progress.borrow() {
+                Progress::Missing(what) => MirrorError::NotFound(what.clone()),
+                _ => MirrorError::Download {
+                    digest: digest.clone(),
+                    message: e.to_string(),
+                },
+            });
+        }
         Ok(download)
     }
 
@@ -563,6 +577,8 @@ pub(crate) enum Progress {
         size: u64,
     },
     Failed(String),
+    /// The upstream has no such blob: a miss, not a failure.
+    Missing(String),
 }
 
 /// A blob arriving from upstream, readable while it arrives.
@@ -590,7 +606,7 @@ impl Download {
         match state {
             Progress::Running { total, .. } => Ok(total),
             Progress::Verified { size } | Progress::Done { size } => Ok(Some(size)),
-            Progress::Failed(m) => Err(failed(&m)),
+            Progress::Failed(m) | Progress::Missing(m) => Err(failed(&m)),
             Progress::Starting => Err(failed("the download task ended")),
         }
     }
@@ -611,7 +627,10 @@ impl Download {
         let state = rx
             .wait_for(|p| match p {
                 Progress::Running { written, total } => sendable(*written, *total) > offset,
-                Progress::Verified { .. } | Progress::Done { .. } | Progress::Failed(_) => true,
+                Progress::Verified { .. }
+                | Progress::Done { .. }
+                | Progress::Failed(_)
+                | Progress::Missing(_) => true,
                 Progress::Starting => false,
             })
             .await
@@ -622,7 +641,7 @@ impl Download {
             Progress::Verified { size } | Progress::Done { size } => {
                 Ok((offset < size).then_some(size))
             }
-            Progress::Failed(m) => Err(failed(&m)),
+            Progress::Failed(m) | Progress::Missing(m) => Err(failed(&m)),
             Progress::Starting => Err(failed("the download task ended")),
         }
     }
@@ -632,13 +651,18 @@ impl Download {
     pub(crate) async fn finished(&self) -> io::Result<u64> {
         let mut rx = self.progress.clone();
         let state = rx
-            .wait_for(|p| matches!(p, Progress::Done { .. } | Progress::Failed(_)))
+            .wait_for(|p| {
+                matches!(
+                    p,
+                    Progress::Done { .. } | Progress::Failed(_) | Progress::Missing(_)
+                )
+            })
             .await
             .map_err(|_| failed("the download task ended"))?
             .clone();
         match state {
             Progress::Done { size } => Ok(size),
-            Progress::Failed(m) => Err(failed(&m)),
+            Progress::Failed(m) | Progress::Missing(m) => Err(failed(&m)),
             _ => Err(failed("the download task ended")),
         }
     }

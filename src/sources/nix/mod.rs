@@ -82,17 +82,16 @@ pub enum BuildError {
 impl From<&BuildError> for SourceError {
     fn from(e: &BuildError) -> SourceError {
         let kind = match e {
-            BuildError::Name(_) => ErrorKind::Invalid,
-            // The client named something this host cannot provide: a miss,
-            // with the reason (every missing package, or how to configure a
-            // package source).
-            BuildError::Nix(
-                NixError::MissingPackages { .. }
-                | NixError::NoPackageSource
-                | NixError::UnsupportedSystem { .. },
-            ) => ErrorKind::NotFound,
-            // Evaluation and build failures carry the tail of Nix's log,
-            // which is what the user needs to see.
+            // A name naming packages the set lacks cannot name an image here:
+            // invalid, not a miss, because containerd prints nothing but
+            // "not found" for a 404 and the user must see which packages.
+            BuildError::Name(_) | BuildError::Nix(NixError::MissingPackages { .. }) => {
+                ErrorKind::Invalid
+            }
+            BuildError::Nix(NixError::UnsupportedSystem { .. }) => ErrorKind::NotFound,
+            // Evaluation and build failures carry the tail of Nix's log, and
+            // an unconfigured package set says how to configure one: what the
+            // user needs to see.
             BuildError::Nix(_) => ErrorKind::Failed,
             _ => ErrorKind::Internal,
         };
