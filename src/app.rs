@@ -127,6 +127,9 @@ impl App {
         };
         let guard = ready();
         http::serve(listener, Arc::clone(&self.registry), options, shutdown).await;
+        // Builds whose clients left run on: ending the process would
+        // interrupt Nix and waste the work.
+        self.registry.work_finished().await;
         drop(guard);
         collector.abort();
         if let Err(e) = self.usage.save(&self.store) {

@@ -39,11 +39,17 @@ fn layered_daemon(extra: &[&str]) -> (Daemon, DaemonLog, tempfile::TempDir, temp
     let state = tempdir("nl-state");
     let config = state.path().join("blobserve.toml");
     std::fs::write(&config, CONFIG).expect("write config");
+    // An empty upstream, so that a miss is its real 404 (an unreachable
+    // upstream is a 502, not a miss).
+    static EMPTY: std::sync::OnceLock<DockerRegistry> = std::sync::OnceLock::new();
+    let empty = EMPTY.get_or_init(DockerRegistry::start);
+    let upstreams = ["docker.io", "quay.io"].map(|h| format!("--upstream={h}={}", empty.url()));
     let d = Daemon::builder()
         .state_dir(state.path())
         .import(&image, "docker.io/library/layered:1")
         .import(&image, "docker.io/library/webapp:1")
         .args(["--config", s(&config)])
+        .args(upstreams)
         .args(extra)
         .start();
     let log = d.log().clone();

@@ -71,7 +71,10 @@ fn gc_evicts_least_recently_used_and_frees_the_disk() {
     let blobs_after = total_size(&state.path().join("blobs"));
     assert!(blobs_after <= 3 << 20, "still {blobs_after} bytes of blobs");
     assert!(
-        report.contains(&format!("{} bytes freed", blobs_before - blobs_after)),
+        report.contains(&format!(
+            "{} freed",
+            nixery_local::util::units::human_bytes(blobs_before - blobs_after)
+        )),
         "reported freed bytes must match the disk: {report}"
     );
 

@@ -41,13 +41,14 @@ fn metrics_count_requests_hits_and_bytes() {
         &[],
     );
     assert_eq!(r.status, 200);
+    // Not cached, and offline: a 502.
     let missing = "/v2/library/hello/manifests/nope";
-    assert_eq!(request(addr, "GET", missing, &[]).status, 404);
+    assert_eq!(request(addr, "GET", missing, &[]).status, 502);
 
     let after = request(addr, "GET", "/metrics", &[]).text();
     let manifests = r#"nixery_local_requests_total{route="manifest",method="GET",status="200"}"#;
     assert_eq!(value(&after, manifests), 3);
-    let misses = r#"nixery_local_requests_total{route="manifest",method="GET",status="404"}"#;
+    let misses = r#"nixery_local_requests_total{route="manifest",method="GET",status="502"}"#;
     assert_eq!(value(&after, misses), 1);
     let hits = "nixery_local_blob_cache_hits_total";
     assert_eq!(value(&after, hits), value(&before, hits) + 1);

@@ -21,13 +21,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
-const PACKAGE: &str = "nixery-local";
-const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -108,31 +101,6 @@ fn exists(path: &str) -> bool {
     Path::new(path).symlink_metadata().is_ok()
 }
 
-/// Builds the .deb from the binary under test into `dir`; returns its path.
-fn build_deb(dir: &Path) -> PathBuf {
-    let arch = run_ok(
-        "dpkg --print-architecture",
-        Command::new("dpkg").arg("--print-architecture"),
-        Duration::from_secs(30),
-    );
-    let out = run_ok(
-        "packaging/build-deb.sh",
-        Command::new(repo().join("packaging/build-deb.sh"))
-            .args(["--binary", bin(), "--out-dir", s(dir)])
-            // Fast to build in a test; the default (xz) is for releases.
-            .args(["--compression", "gzip"]),
-        Duration::from_secs(300),
-    );
-    let deb = PathBuf::from(out.lines().last().expect("the script prints the .deb path"));
-    assert_eq!(
-        deb,
-        dir.join(format!("{PACKAGE}_{VERSION}_{}.deb", arch.trim())),
-        "{out}"
-    );
-    assert!(deb.is_file());
-    deb
-}
-
 /// What the package says about itself, before installing it.
 fn check_deb_metadata(deb: &Path) {
     let field = |name: &str| {
@@ -148,7 +116,10 @@ fn check_deb_metadata(deb: &Path) {
     assert_eq!(field("Version"), VERSION);
     let depends = field("Depends");
     assert!(depends.starts_with("adduser, libc6"), "Depends: {depends}");
-    assert_eq!(field("Recommends"), "nix-bin, containerd");
+    assert_eq!(
+        field("Recommends"),
+        "nix-bin, nix-setup-systemd, containerd"
+    );
     assert!(!field("Description").is_empty());
 
     let info = run_ok(

@@ -18,6 +18,7 @@ fi
 packages=(
     containerd runc      # a real containerd pulls and runs the images
     skopeo               # a second real client: inspect and copy
+    podman               # podman 4.3 pulls through the drop-in setup writes (runs with runc)
     docker.io            # Debian's Docker 20.10: pulls Nix images (no zstd)
     docker-registry      # CNCF distribution, an upstream registry
     nix-bin              # builds the tests' package set for Nix images
@@ -27,6 +28,7 @@ packages=(
     adduser binutils dpkg-dev  # the .deb: its Depends, strip, dpkg-shlibdeps
     apache2-utils openssl  # htpasswd, a test CA and signed tokens for the upstream tests
     curl jq ca-certificates
+    gcc libc6-dev        # cargo links with cc; ring and zstd-sys compile C (rustup ships no linker)
 )
 missing=()
 for p in "${packages[@]}"; do

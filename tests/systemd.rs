@@ -342,3 +342,58 @@ fn packaged_config_matches_the_socket_unit() {
     assert_success("setup --config packaging/config.toml", &out);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("[host.\"http://{listen}\"]")));
 }
+
+/// A stop during a Nix build lets the build finish (what KillMode=mixed in
+/// the unit relies on: only the daemon gets SIGTERM): the pull waiting for
+/// the build gets its image, the daemon exits 0 once the build ends, and
+/// Nix was not interrupted.
+#[test]
+fn stopping_waits_for_running_builds() {
+    require_nix();
+    let nonce = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos()
+    );
+    let daemon = Daemon::builder()
+        .args(nix_args(&[]))
+        .env("NIXERY_TEST_NONCE", &nonce)
+        .env("NIXERY_LOCAL_LOG", "debug")
+        .start();
+    let log = daemon.log().clone();
+    let addr = daemon.addr();
+    let pull = std::thread::spawn(move || {
+        fetch(
+            addr,
+            "GET",
+            "/v2/nix/napping/manifests/latest",
+            &[("Accept", OCI_MANIFEST)],
+            Body::Keep,
+            Duration::from_secs(120),
+        )
+    });
+    assert!(
+        log.wait_for("step=build", 1, Duration::from_secs(60)),
+        "the build did not start:\n{}",
+        log.text()
+    );
+    let status = daemon.stop_within(Duration::from_secs(60));
+    let response = pull.join().expect("the pull thread");
+    assert_eq!(
+        response.status, 200,
+        "the pull during the stop:\n{response}"
+    );
+    assert!(
+        status.success(),
+        "exit after SIGTERM during a build: {status}"
+    );
+    let text = log.text();
+    assert!(text.contains("built Nix image"), "{text}");
+    assert!(
+        !text.contains("interrupted"),
+        "Nix was interrupted:\n{text}"
+    );
+}

@@ -4,7 +4,7 @@
 //! files it writes stay the service's. Where neither is possible, the
 //! command says so rather than quietly using another directory.
 
-use std::ffi::{CStr, CString, OsString};
+use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use nixery_local::config::{Options, Settings};
+use nixery_local::util::users;
 
 use super::{settings, Common, Failure};
 
@@ -136,49 +137,14 @@ fn enter(dir: &Path, access: Access) -> Result<(), Failure> {
     )))
 }
 
-/// The account of `uid`: name, primary group and home.
-struct Account {
-    name: CString,
-    gid: libc::gid_t,
-    home: OsString,
-}
-
-fn account(uid: u32) -> Option<Account> {
-    let mut buf = vec![0u8; 16 * 1024];
-    // SAFETY: an all-zero passwd is a valid value to be overwritten.
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call; `buf` outlives the use
-    // of the strings it holds, which are copied out below.
-    let rc = unsafe {
-        libc::getpwuid_r(
-            uid,
-            &mut pwd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut found,
-        )
-    };
-    if rc != 0 || found.is_null() {
-        return None;
-    }
-    // SAFETY: on success both fields point at NUL-terminated strings in `buf`.
-    let (name, home) = unsafe { (CStr::from_ptr(pwd.pw_name), CStr::from_ptr(pwd.pw_dir)) };
-    Some(Account {
-        name: name.to_owned(),
-        gid: pwd.pw_gid,
-        home: OsString::from(std::ffi::OsStr::from_bytes(home.to_bytes())),
-    })
-}
-
 fn user_name(uid: u32) -> Option<String> {
-    account(uid).map(|a| a.name.to_string_lossy().into_owned())
+    users::by_uid(uid).map(|a| a.name.to_string_lossy().into_owned())
 }
 
 /// Drops root for the cache owner's uid, groups (the Nix daemon's socket is
 /// gated by a group) and home. Runs before any thread is started.
 fn become_user(uid: u32, dir: &Path) -> Result<(), Failure> {
-    let who = account(uid).ok_or_else(|| {
+    let who = users::by_uid(uid).ok_or_else(|| {
         Failure::Failed(anyhow::anyhow!(
             "the cache {} is owned by uid {uid}, which has no account",
             dir.display()
@@ -224,11 +190,5 @@ mod tests {
             Some(named)
         );
         assert!(matches!(config_or_system(None, true), Ok(None)));
-    }
-
-    #[test]
-    fn root_account_is_found() {
-        let root = account(0).expect("uid 0 has an account");
-        assert_eq!(root.name.to_str(), Ok("root"));
     }
 }

@@ -1,13 +1,21 @@
 //! `nixery-local doctor`: checks what a working setup needs and says what
 //! is wrong, one line a check.
 
-use nixery_local::ops::doctor::Verdict;
+use nixery_local::ops::doctor::{ClientPaths, Verdict};
 
 use super::{Common, Failure};
 
-pub fn run(common: Common) -> Result<(), Failure> {
-    let settings = common.system_settings()?;
-    let checks = nixery_local::ops::doctor::run(&settings);
+#[derive(clap::Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    paths: ClientPaths,
+}
+
+pub fn run(args: DoctorArgs) -> Result<(), Failure> {
+    let settings = args.common.system_settings()?;
+    let checks = nixery_local::ops::doctor::run(&settings, &args.paths);
     let mut failed = false;
     for c in &checks {
         let mark = match c.verdict {

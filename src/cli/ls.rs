@@ -7,6 +7,7 @@ use anyhow::Context;
 use nixery_local::app::open_store;
 use nixery_local::store::gc::{self, Usage};
 use nixery_local::util::time::now_secs;
+use nixery_local::util::units::{human_age, human_bytes};
 
 use nixery_local::config::Options;
 
@@ -21,8 +22,8 @@ pub fn run(args: CacheArgs) -> Result<(), Failure> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{:<60} {:<19} {:>14}  last used",
-        "image", "digest", "bytes"
+        "{:<60} {:<19} {:>10}  last used",
+        "image", "digest", "size"
     )?;
     for img in images.iter().rev() {
         let digest = img
@@ -32,22 +33,13 @@ pub fn run(args: CacheArgs) -> Result<(), Failure> {
             .unwrap_or_default();
         let short = digest.get(..19).unwrap_or(&digest);
         let ago = now_secs().saturating_sub(img.last_used);
+        let name = settings.nix.shown_name(&img.id, &settings.default_registry);
         writeln!(
             out,
-            "{:<60} {short:<19} {:>14}  {} ago",
-            img.id.to_string(),
-            img.size,
+            "{name:<60} {short:<19} {:>10}  {} ago",
+            human_bytes(img.size),
             human_age(ago)
         )?;
     }
     Ok(())
-}
-
-fn human_age(secs: u64) -> String {
-    match secs {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86_400),
-    }
 }

@@ -88,7 +88,7 @@ enum Command {
     },
     /// Check Nix, the package source, the state dir, the daemon and each
     /// container client's mirror config, and say what is wrong.
-    Doctor(Common),
+    Doctor(doctor::DoctorArgs),
     /// Point a container client at the daemon by writing its mirror config.
     Setup {
         #[command(subcommand)]
@@ -140,7 +140,7 @@ impl Cli {
             Command::Gc(args) => gc::run(args),
             Command::Ls(args) => ls::run(args),
             Command::Prefetch { common, images } => prefetch::run(common, &images),
-            Command::Doctor(common) => doctor::run(common),
+            Command::Doctor(args) => doctor::run(args),
             Command::Setup { client } => setup::run(&client),
         };
         match result {

@@ -49,6 +49,13 @@ pub fn run(common: Common) -> Result<(), Failure> {
         };
         let shutdown = async {
             shutdown_signal().await;
+            // Stopping waits for running Nix builds; a second signal is the
+            // way not to.
+            tokio::spawn(async {
+                shutdown_signal().await;
+                tracing::warn!("second stop signal: exiting without waiting");
+                std::process::exit(1);
+            });
             if let Err(e) = notifier.stopping() {
                 tracing::warn!(error = %e, "cannot tell systemd the daemon is stopping");
             }

@@ -84,6 +84,14 @@ impl ApiError {
                 tracing::info!(error = %e, "upstream unavailable");
                 ApiError::new(StatusCode::BAD_GATEWAY, ErrorCode::Unknown, e.to_string())
             }
+            // NAME_UNKNOWN, as a 400: containerd prints only "not found" for
+            // a 404, and podman does not retry this code (it does retry
+            // NAME_INVALID).
+            ErrorKind::UnknownName => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::NameUnknown,
+                e.to_string(),
+            ),
             ErrorKind::Invalid => ApiError::new(
                 StatusCode::BAD_REQUEST,
                 ErrorCode::NameInvalid,

@@ -58,7 +58,8 @@ const SMALL_CHUNK: usize = 64 << 10;
 /// Request heads larger than this are refused with 431 by hyper.
 const MAX_HEAD: usize = 64 << 10;
 
-/// How long in-flight requests may run after a shutdown signal.
+/// How long in-flight requests may run after a shutdown signal, unless a
+/// Nix build they may be waiting for is still running.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
@@ -76,7 +77,9 @@ pub(crate) struct ServerOptions {
 }
 
 /// Serves `registry` on `listener` until `shutdown` completes, then lets
-/// in-flight requests finish (up to [`DRAIN_TIMEOUT`]).
+/// in-flight requests finish: up to [`DRAIN_TIMEOUT`] after the running Nix
+/// builds end, so a pull waiting for one still gets its image. (Under
+/// systemd, TimeoutStopSec= bounds the whole stop.)
 pub(crate) async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
@@ -134,9 +137,15 @@ pub(crate) async fn serve(
     }
     drop(listener);
     tracing::info!("shutting down: draining connections");
+    // Builds first: requests waiting for one answer once it ends, and then
+    // have the usual time to finish.
+    let patience = async {
+        app.registry.work_finished().await;
+        tokio::time::sleep(DRAIN_TIMEOUT).await;
+    };
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(DRAIN_TIMEOUT) => tracing::warn!("drain timed out; closing remaining connections"),
+        () = patience => tracing::warn!("drain timed out; closing remaining connections"),
     }
 }
 
@@ -239,7 +248,7 @@ async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
         Some(Route::Manifest { name, reference })
             if (method == Method::GET || method == Method::HEAD) && !reference.contains(':') =>
         {
-            Some(format!("{name}:{reference}"))
+            Some((name.to_owned(), reference.to_owned()))
         }
         _ => None,
     };
@@ -251,18 +260,33 @@ async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
             e.into_response()
         }
     };
-    if let Some(image) = pull {
-        let host = ns_echo
-            .clone()
-            .unwrap_or_else(|| app.registry.default_host().clone());
-        let image = format!("{host}/{image}");
+    if let Some((name, reference)) = pull {
+        let image = app
+            .registry
+            .pulled_name(ns_echo.as_ref(), &name, &reference);
         let status = response.status().as_u16();
         let ms = started.elapsed().as_millis() as u64;
-        match &failure {
-            None => tracing::info!(%image, status, ms, "pull"),
-            Some(error) => tracing::info!(%image, status, ms, %error, "pull failed"),
+        // One pull, one line: a HEAD then a GET of the tag, a client's
+        // retries, or containerd asking the same daemon as mirror and as
+        // server are all the same pull (see `record_pull`).
+        let client = req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let head = method == Method::HEAD;
+        if EVENTS.record_pull(
+            image.clone(),
+            client,
+            head,
+            started.elapsed(),
+            failure.clone(),
+        ) {
+            match &failure {
+                None => tracing::info!(%image, status, ms, "pull"),
+                Some(error) => tracing::info!(%image, status, ms, %error, "pull failed"),
+            }
         }
-        EVENTS.record("pull", image, started.elapsed(), failure);
     }
     let headers = response.headers_mut();
     headers.insert("docker-distribution-api-version", API_VERSION);
@@ -298,7 +322,13 @@ async fn dispatch(
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .unwrap_or("127.0.0.1:7733");
-        let page = crate::http::status_page::render(addr, &images, bytes, app.cache_limit);
+        let page = crate::http::status_page::render(
+            addr,
+            &images,
+            &|id| app.registry.shown_name(id),
+            bytes,
+            app.cache_limit,
+        );
         let mut resp = Response::new(full(Bytes::from(page)));
         resp.headers_mut().insert(
             header::CONTENT_TYPE,

@@ -6,9 +6,11 @@
 use std::fmt::Write as _;
 
 use crate::ops::setup::hosts_toml;
-use crate::store::gc::CachedImage;
+use crate::store::gc::{CachedImage, ImageId};
+use crate::telemetry::activity::ACTIVITIES;
 use crate::telemetry::events::EVENTS;
 use crate::util::time::now_secs;
+use crate::util::units::{human_age, human_bytes};
 
 /// Text for HTML content and attribute values.
 pub(crate) fn escape(s: &str) -> String {
@@ -26,44 +28,28 @@ pub(crate) fn escape(s: &str) -> String {
     out
 }
 
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1000.0 && u + 1 < UNITS.len() {
-        v /= 1000.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
 fn ago(now: u64, then: u64) -> String {
-    let s = now.saturating_sub(then);
-    match s {
-        s if s < 120 => format!("{s} s ago"),
-        s if s < 7200 => format!("{} min ago", s / 60),
-        s if s < 172_800 => format!("{} h ago", s / 3600),
-        s => format!("{} days ago", s / 86_400),
-    }
+    format!("{} ago", human_age(now.saturating_sub(then)))
 }
 
 /// The page. `addr` is what clients should use to reach the daemon.
 pub(crate) fn render(
     addr: &str,
     images: &[CachedImage],
+    name: &dyn Fn(&ImageId) -> String,
     cache_bytes: u64,
     limit: Option<u64>,
 ) -> String {
     let now = now_secs();
+    let running = ACTIVITIES.snapshot();
+    // The page follows what happens: often while work runs, calmly otherwise.
+    let refresh = if running.is_empty() { 10 } else { 2 };
     let mut h = String::new();
     let _ = write!(
         h,
         r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>nixery-local</title>
+<meta http-equiv="refresh" content="{refresh}">
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem; color: #222; max-width: 72rem; }}
 h1 {{ margin-bottom: 0; }} .sub {{ color: #666; margin-top: .2rem; }}
@@ -83,6 +69,24 @@ pre {{ padding: .8rem; overflow-x: auto; }}
         size = human_bytes(cache_bytes),
         limit = limit.map_or(String::new(), |l| format!(" of {} allowed", human_bytes(l))),
     );
+
+    h.push_str("<h2>In progress</h2>\n");
+    if running.is_empty() {
+        h.push_str("<p>Nothing is building or downloading.</p>\n");
+    } else {
+        h.push_str("<table id=\"running\"><tr><th>what</th><th>image</th><th>for</th><th>stage</th></tr>\n");
+        for a in &running {
+            let _ = writeln!(
+                h,
+                "<tr><td>{}</td><td><code>{}</code></td><td class=\"num\">{}</td><td>{}</td></tr>",
+                a.kind,
+                escape(&a.name),
+                human_age(a.elapsed.as_secs()),
+                escape(&a.stage),
+            );
+        }
+        h.push_str("</table>\n");
+    }
 
     h.push_str("<h2>Recent pulls and builds</h2>\n");
     let events = EVENTS.snapshot();
@@ -121,7 +125,7 @@ pre {{ padding: .8rem; overflow-x: auto; }}
             let _ = writeln!(
                 h,
                 "<tr><td><code>{}</code></td><td><code title=\"{d}\">{short}</code></td><td class=\"num\">{}</td><td>{}</td></tr>",
-                escape(&img.id.to_string()),
+                escape(&name(&img.id)),
                 human_bytes(img.size),
                 ago(now, img.last_used),
                 d = escape(&digest),
@@ -161,7 +165,13 @@ mod tests {
             Duration::from_millis(12),
             Some("upstream said <b>no</b>".into()),
         );
-        let page = render("127.0.0.1:7733", &[], 1234, Some(1_000_000));
+        let page = render(
+            "127.0.0.1:7733",
+            &[],
+            &|id| id.to_string(),
+            1234,
+            Some(1_000_000),
+        );
         assert!(page.contains("docker.io/&lt;script&gt;:1"));
         assert!(page.contains("upstream said &lt;b&gt;no&lt;/b&gt;"));
         assert!(!page.contains("<script>"));

@@ -1,16 +1,20 @@
-//! `nixery-local doctor`: checks the state dir, Nix and its package source,
-//! the listener, and each container client's mirror config, and says
-//! exactly what is wrong and how to fix it.
+//! `nixery-local doctor`: checks the state dir, Nix, its package source and
+//! its daemon, the listener, each container client's mirror config and
+//! version, and says exactly what is wrong and how to fix it.
 
+use std::ffi::CString;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::config::Settings;
 use crate::sources::nix::command::Nix;
+use crate::sources::nix::layers::Compression;
 use crate::sources::nix::pkgset::PkgSource;
 use crate::sources::nix::SourceSetting;
+use crate::util::users;
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 pub enum Verdict {
@@ -35,19 +39,171 @@ fn check(what: &str, verdict: Verdict, detail: impl Into<String>) -> Check {
     }
 }
 
+/// Where the clients' configs are, when not where their packages put them.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ClientPaths {
+    /// containerd's config directory (config.toml, certs.d/).
+    #[arg(long, value_name = "DIR", default_value = "/etc/containerd")]
+    pub containerd_dir: PathBuf,
+    /// Docker's daemon.json.
+    #[arg(long, value_name = "FILE", default_value = "/etc/docker/daemon.json")]
+    pub docker_config: PathBuf,
+    /// podman's (containers/image's) registries.conf.d.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/etc/containers/registries.conf.d"
+    )]
+    pub registries_dir: PathBuf,
+    /// k3s's config directory (registries.yaml).
+    #[arg(long, value_name = "DIR", default_value = "/etc/rancher/k3s")]
+    pub k3s_dir: PathBuf,
+}
+
+/// The socket of a multi-user Nix (Debian's nix-setup-systemd, NixOS).
+const NIX_DAEMON_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
+
+/// The packaged service's user.
+const SERVICE_USER: &str = "nixery-local";
+
 /// Runs every check (blocking: it starts Nix and connects to the daemon).
-pub fn run(settings: &Settings) -> Vec<Check> {
+pub fn run(settings: &Settings, paths: &ClientPaths) -> Vec<Check> {
     let mut out = vec![state_dir(&settings.state_dir)];
     out.extend(nix(settings));
+    out.push(nix_daemon(Path::new(NIX_DAEMON_SOCKET), SERVICE_USER));
     out.push(listener(settings.listen));
     let addr = display_addr(settings.listen);
-    out.push(containerd(Path::new("/etc/containerd"), &addr));
-    out.push(docker(Path::new("/etc/docker/daemon.json"), &addr));
-    out.push(podman(
-        Path::new("/etc/containers/registries.conf.d"),
-        &addr,
-    ));
-    out.push(k3s(Path::new("/etc/rancher/k3s"), &addr));
+    out.push(containerd(&paths.containerd_dir, &addr));
+    out.push(docker(&paths.docker_config, &addr));
+    out.push(podman(&paths.registries_dir, &addr));
+    out.push(k3s(&paths.k3s_dir, &addr));
+    out.extend(client_versions(settings.nix.compression));
+    out
+}
+
+/// Whether Nix images can be built through the Nix daemon: the socket
+/// exists, accepts this user, and admits the service's user by its group.
+fn nix_daemon(socket: &Path, service_user: &str) -> Check {
+    let what = "Nix daemon";
+    let meta = match std::fs::metadata(socket) {
+        Ok(m) => m,
+        Err(_) => {
+            let store = CString::new("/nix/store").expect("no NUL");
+            // SAFETY: a valid NUL-terminated path.
+            let writable = unsafe { libc::access(store.as_ptr(), libc::W_OK) } == 0;
+            return if writable {
+                check(
+                    what,
+                    Verdict::Note,
+                    format!(
+                        "no {}: Nix runs single-user, as this user",
+                        socket.display()
+                    ),
+                )
+            } else {
+                check(
+                    what,
+                    Verdict::Fail,
+                    format!(
+                        "no {}: the service builds through the Nix daemon; on Debian: sudo apt-get install nix-setup-systemd",
+                        socket.display()
+                    ),
+                )
+            };
+        }
+    };
+    let group = users::group_name(meta.gid());
+    // Debian's socket is root:nix-users 0770: the service's user needs the group.
+    if let Some(service) = users::by_name(service_user) {
+        let others_may = meta.mode() & 0o006 == 0o006;
+        if !others_may && !users::groups_of(&service).contains(&meta.gid()) {
+            return check(
+                what,
+                Verdict::Fail,
+                format!(
+                    "the service's user {service_user} is not in group {group}, which may use {}: sudo adduser {service_user} {group} && sudo systemctl restart nixery-local",
+                    socket.display()
+                ),
+            );
+        }
+    }
+    match std::os::unix::net::UnixStream::connect(socket) {
+        Ok(_) => check(
+            what,
+            Verdict::Ok,
+            format!("{} accepts connections (group {group})", socket.display()),
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => check(
+            what,
+            Verdict::Fail,
+            format!(
+                "this user cannot use {} ({e}): join group {group} (sudo adduser $USER {group}, then log in again)",
+                socket.display()
+            ),
+        ),
+        Err(e) => check(
+            what,
+            Verdict::Fail,
+            format!(
+                "{} does not answer ({e}): sudo systemctl start nix-daemon.socket",
+                socket.display()
+            ),
+        ),
+    }
+}
+
+/// `major.minor` of the first version-like word in `text`.
+fn version(text: &str) -> Option<(u32, u32)> {
+    text.split(|c: char| c.is_whitespace() || c == ',' || c == 'v')
+        .find_map(|word| {
+            let mut parts = word.split(['.', '~', '+', '-']);
+            let major = parts.next()?.parse().ok()?;
+            let minor = parts.next()?.parse().ok()?;
+            Some((major, minor))
+        })
+}
+
+/// What `program ARGS` says its version is, if it runs.
+fn program_version(program: &str, args: &[&str]) -> Option<(String, (u32, u32))> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = text.lines().next().unwrap_or("").trim().to_owned();
+    version(&line).map(|v| (line, v))
+}
+
+/// Each installed client's version against the layer compression: which
+/// ones read zstd, and what the others get.
+fn client_versions(compression: Compression) -> Vec<Check> {
+    let zstd = compression == Compression::Zstd;
+    let mut out = Vec::new();
+    if let Some((line, v)) = program_version("dockerd", &["--version"]) {
+        let detail = if zstd && v < (23, 0) {
+            format!(
+                "{line}: cannot unpack zstd, so it is sent gzip layers (told by its User-Agent)"
+            )
+        } else {
+            line
+        };
+        out.push(check("docker engine", Verdict::Ok, detail));
+    }
+    if let Some((line, v)) = program_version("containerd", &["--version"]) {
+        // containerd reads zstd layers since 1.5.
+        if zstd && v < (1, 5) {
+            out.push(check(
+                "containerd version",
+                Verdict::Fail,
+                format!("{line}: cannot unpack zstd layers: set layer-compression = \"gzip\""),
+            ));
+        } else {
+            out.push(check("containerd version", Verdict::Ok, line));
+        }
+    }
+    if let Some((line, _)) = program_version("podman", &["--version"]) {
+        out.push(check("podman version", Verdict::Ok, line));
+    }
     out
 }
 
@@ -304,6 +460,37 @@ mod tests {
         assert_eq!(
             docker(&dir.path().join("daemon.json"), "127.0.0.1:7733").verdict,
             Verdict::Note
+        );
+    }
+
+    #[test]
+    fn versions_are_read_from_what_programs_print() {
+        assert_eq!(
+            version("Docker version 20.10.24+dfsg1, build 297e128"),
+            Some((20, 10))
+        );
+        assert_eq!(
+            version("containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+b1"),
+            Some((1, 6))
+        );
+        assert_eq!(version("podman version 4.3.1"), Some((4, 3)));
+        assert_eq!(version("no version here"), None);
+    }
+
+    #[test]
+    fn the_nix_daemon_check_names_the_fix() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let missing = nix_daemon(&dir.path().join("socket"), "nobody");
+        assert!(missing.detail.contains("socket"), "{}", missing.detail);
+        // A socket nobody listens on any more: refused, with the fix.
+        let path = dir.path().join("dead");
+        drop(std::os::unix::net::UnixListener::bind(&path).expect("bind"));
+        let dead = nix_daemon(&path, "no-such-service-user");
+        assert_eq!(dead.verdict, Verdict::Fail);
+        assert!(
+            dead.detail.contains("systemctl start nix-daemon.socket"),
+            "{}",
+            dead.detail
         );
     }
 

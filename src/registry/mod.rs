@@ -16,8 +16,8 @@ use crate::oci::client::Client;
 use crate::oci::digest::Digest;
 use crate::oci::reference::{Reference, RegistryHost, RepoName};
 use crate::sources::mirror::Download;
-use crate::sources::{ErrorKind, SourceError, Sources};
-use crate::store::gc::{CachedImage, Usage};
+use crate::sources::{ErrorKind, Source, SourceError, Sources};
+use crate::store::gc::{CachedImage, ImageId, Usage};
 use crate::store::{BlobFile, Store, StoreError};
 use crate::telemetry::metrics::{self, METRICS};
 
@@ -92,6 +92,40 @@ impl Registry {
     pub(crate) fn with_usage(mut self, usage: Arc<Usage>) -> Registry {
         self.usage = usage;
         self
+    }
+
+    /// Returns once work that outlives requests (Nix builds) is done.
+    pub(crate) async fn work_finished(&self) {
+        self.sources.work_finished().await;
+    }
+
+    /// The name a pull is shown under, as the client named it: with `ns`,
+    /// `nix.local/hello` or `docker.io/library/alpine`; without, a Nix image
+    /// is `nix/hello` (not `docker.io/nix/hello`), anything else is on the
+    /// default registry.
+    pub(crate) fn pulled_name(
+        &self,
+        ns: Option<&RegistryHost>,
+        repo: &str,
+        reference: &str,
+    ) -> String {
+        if let Some(host) = ns {
+            return format!("{host}/{repo}:{reference}");
+        }
+        let host = &self.default_host;
+        let nix = repo
+            .parse::<RepoName>()
+            .is_ok_and(|r| matches!(self.sources.route(host, &r), Source::Nix { .. }));
+        if nix {
+            format!("{repo}:{reference}")
+        } else {
+            format!("{host}/{repo}:{reference}")
+        }
+    }
+
+    /// How a cached image is shown on the status page: as it was pulled.
+    pub(crate) fn shown_name(&self, id: &ImageId) -> String {
+        self.sources.shown_name(id, &self.default_host)
     }
 
     /// The host requests without containerd's `ns` parameter are scoped to.

@@ -12,6 +12,10 @@ pub(crate) enum ErrorKind {
     NotFound,
     /// The name cannot name anything in this source.
     Invalid,
+    /// The name is well formed, but names nothing this source can supply,
+    /// and no other host serves it either (packages the package set lacks):
+    /// the client must see why rather than fall back and say "not found".
+    UnknownName,
     /// The source could not be reached or answered badly (an upstream that is
     /// down, refuses us, or sends bytes that fail verification).
     Unavailable,

@@ -26,6 +26,7 @@ use crate::oci::accept::Accept;
 use crate::oci::client::Client;
 use crate::oci::digest::Digest;
 use crate::oci::reference::{RegistryHost, RepoName, Tag};
+use crate::store::gc::ImageId;
 use crate::telemetry::metrics::{self, METRICS};
 
 /// The sources a daemon has; either may be absent (tests, offline use).
@@ -63,6 +64,22 @@ impl Sources {
     pub(crate) fn with_mirror(mut self, mirror: Arc<Mirror>) -> Sources {
         self.mirror = Some(mirror);
         self
+    }
+
+    /// Returns once the sources' background work (Nix builds) is done.
+    pub(crate) async fn work_finished(&self) {
+        if let Some(nix) = &self.nix {
+            nix.builds_finished().await;
+        }
+    }
+
+    /// How a cached image is shown: as it was pulled (see
+    /// [`nix::NixSettings::shown_name`]).
+    pub(crate) fn shown_name(&self, id: &ImageId, default_host: &RegistryHost) -> String {
+        match &self.nix {
+            Some(nix) => nix.settings().shown_name(id, default_host),
+            None => id.to_string(),
+        }
     }
 
     /// The source of `repo` on `host`: Nix if it names a Nix image, else the

@@ -18,8 +18,8 @@ use tempfile::TempDir;
 
 use super::{
     assert_success, blob_path, busybox_layout, docker_v2_layout, forward_lines,
-    multi_platform_layout, output_timeout, poll_until, request, scratch_dir, Proc, Response,
-    TestImage,
+    multi_platform_layout, output_timeout, poll_until, request, scratch_dir, DockerRegistry, Proc,
+    Response, TestImage,
 };
 
 /// The binary under test.
@@ -325,10 +325,15 @@ impl Daemon {
     }
 
     /// SIGTERM, then wait up to 10 s; panics (after SIGKILL) if it hangs.
-    pub fn stop(mut self) -> ExitStatus {
+    pub fn stop(self) -> ExitStatus {
+        self.stop_within(Duration::from_secs(10))
+    }
+
+    /// SIGTERM, then waits up to `limit` for the exit.
+    pub fn stop_within(mut self, limit: Duration) -> ExitStatus {
         self.process()
-            .terminate(Duration::from_secs(10))
-            .unwrap_or_else(|| panic!("daemon did not exit within 10 s of SIGTERM"))
+            .terminate(limit)
+            .unwrap_or_else(|| panic!("daemon did not exit within {limit:?} of SIGTERM"))
     }
 
     /// Shorthand for [`request`] `GET path` against this daemon.
@@ -342,13 +347,16 @@ impl Daemon {
 /// starts: OCI as `docker.io/library/hello:1`, Docker schema 2 as
 /// `docker.io/library/hello-docker:1`, multi-platform as
 /// `docker.io/library/hello-multi:1`, and OCI as `ghcr_ref`. Each image
-/// echoes its message from `messages` (in that order).
+/// echoes its message from `messages` (in that order). docker.io and
+/// ghcr.io are an empty loopback registry, so anything else is a real miss
+/// (404), not an unreachable upstream (502).
 pub struct ImageFixture {
     pub daemon: Daemon,
     pub oci: TestImage,
     pub docker: TestImage,
     pub multi: TestImage,
     pub ghcr: TestImage,
+    _upstream: DockerRegistry,
 }
 
 impl ImageFixture {
@@ -359,12 +367,14 @@ impl ImageFixture {
         let docker = docker_v2_layout(&dir.join("docker"), "1", docker_msg);
         let multi = multi_platform_layout(&dir.join("multi"), "1", multi_msg);
         let ghcr = busybox_layout(&dir.join("ghcr"), "1", ghcr_msg);
+        let upstream = DockerRegistry::start();
         let daemon = Daemon::builder()
             .state_dir(&dir.join("state"))
             .import(&oci, "docker.io/library/hello:1")
             .import(&docker, "docker.io/library/hello-docker:1")
             .import(&multi, "docker.io/library/hello-multi:1")
             .import(&ghcr, ghcr_ref)
+            .args(["docker.io", "ghcr.io"].map(|h| format!("--upstream={h}={}", upstream.url())))
             .start();
         ImageFixture {
             daemon,
@@ -372,6 +382,7 @@ impl ImageFixture {
             docker,
             multi,
             ghcr,
+            _upstream: upstream,
         }
     }
 }

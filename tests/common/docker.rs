@@ -1,9 +1,10 @@
 //! A private Docker engine per test: Debian's `dockerd` 20.10 with its own
 //! data root, exec root, socket and pidfile, and no bridge or iptables, so
 //! the host's network is left alone. Driven with `/usr/bin/docker` (the
-//! 20.10 client, not a newer one elsewhere on PATH).
+//! 20.10 client, not a newer one elsewhere on PATH). Optionally with a
+//! `daemon.json` of the test's, such as `nixery-local setup docker` writes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -22,9 +23,18 @@ pub struct Dockerd {
 
 impl Dockerd {
     pub fn start() -> Dockerd {
+        Dockerd::start_with(None)
+    }
+
+    /// An engine configured by `daemon_json` (`--config-file`).
+    pub fn with_config_file(daemon_json: &Path) -> Dockerd {
+        Dockerd::start_with(Some(daemon_json))
+    }
+
+    fn start_with(daemon_json: Option<&Path>) -> Dockerd {
         require("dockerd");
         assert!(
-            std::path::Path::new(DOCKER).exists(),
+            Path::new(DOCKER).exists(),
             "{DOCKER} missing (apt-get install docker.io)"
         );
         // Short path: unix socket paths are limited to 108 bytes.
@@ -44,6 +54,9 @@ impl Dockerd {
             .arg("--pidfile")
             .arg(d.join("pid"))
             .args(["--iptables=false", "--ip-masq=false", "--bridge=none"]);
+        if let Some(path) = daemon_json {
+            cmd.arg("--config-file").arg(path);
+        }
         let mut proc = Proc::spawn(cmd);
         forward_lines("dockerd".into(), proc.stderr(), |_| {});
         forward_lines("dockerd stdout".into(), proc.stdout(), |_| {});

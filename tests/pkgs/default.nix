@@ -180,6 +180,24 @@ in {
   # A package whose build never finishes in time, for timeout tests. The
   # `nonce` argument makes a fresh derivation per test run.
   slow = { nonce ? "0" }: mk "slow-${nonce}" "sleep 600" { };
+  # A package whose build takes 8 s, for restarting the service during a
+  # build (tests/service_booted.rs). The marker names its builder process.
+  sleepy = mk "sleepy-1.0" ''
+    : nixery-local-sleepy-builder
+    sleep 8
+    mkdir -p $out/bin
+    printf '#!%s\necho "sleepy woke up"\n' ${busybox}/bin/sh > $out/bin/sleepy
+    chmod 0755 $out/bin/sleepy
+  '' { };
+  # A build of about 12 s (longer than the daemon's 10 s drain) that is new to the store in every test run (the
+  # daemon's NIXERY_TEST_NONCE is in its name), for stopping the daemon
+  # during a build.
+  napping = mk "napping-${builtins.getEnv "NIXERY_TEST_NONCE"}" ''
+    sleep 12
+    mkdir -p $out/bin
+    printf '#!%s\necho "napped"\n' ${busybox}/bin/sh > $out/bin/napping
+    chmod 0755 $out/bin/napping
+  '' { };
   # A package whose build fails, for error-path tests.
   broken = mk "broken-1" ''
     echo "about to fail: this is the useful tail" >&2

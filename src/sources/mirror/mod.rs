@@ -34,8 +34,10 @@ use crate::oci::reference::{RegistryHost, RepoName, Tag};
 use crate::sources::mirror::upstream::{Target, UpstreamError, Upstreams};
 use crate::sources::{ErrorKind, SourceError};
 use crate::store::{ManifestVariant, Store, StoreError, TagRecord, MAX_MANIFEST_SIZE};
+use crate::telemetry::activity::ACTIVITIES;
 use crate::telemetry::metrics::{self, METRICS};
 use crate::util::singleflight::RemoveOnDrop;
+use crate::util::units::human_bytes;
 
 /// Body frames waiting for the writer (hyper's frames are at most a few
 /// hundred KiB, so this bounds a download's memory to a few MiB).
@@ -415,14 +417,22 @@ impl Mirror {
         // which keeps memory bounded and lets a slow disk slow the upstream.
         let (bytes_tx, mut bytes_rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
         let progress = Arc::clone(tx);
+        let short = digest.hex().get(..12).unwrap_or(digest.hex());
+        let activity = ACTIVITIES.start("download", format!("{host}/{repo}@{short}"));
         let writing = tokio::task::spawn_blocking(move || {
             let mut writer = writer;
             let mut written = 0u64;
+            let of_total = total.map_or(String::new(), |t| format!(" of {}", human_bytes(t)));
             while let Some(bytes) = bytes_rx.blocking_recv() {
                 writer.write_all(&bytes)?;
+                let before = written;
                 written += bytes.len() as u64;
                 metrics::add(&METRICS.bytes_fetched, bytes.len() as u64);
                 let _ = progress.send(Progress::Running { written, total });
+                // The page's stage, at most once per MB.
+                if before >> 20 != written >> 20 {
+                    activity.stage(format!("{}{of_total}", human_bytes(written)));
+                }
             }
             Ok::<_, StoreError>((writer, written))
         });

@@ -42,7 +42,9 @@ use crate::sources::nix::error::NixError;
 use crate::sources::nix::name::{ImageName, ImageNameError};
 use crate::sources::nix::pkgset::PkgSource;
 use crate::sources::{ErrorKind, SourceError};
+use crate::store::gc::ImageId;
 use crate::store::{ManifestVariant, NixImageRecord, RecordKind, Store, StoreError, TagRecord};
+use crate::telemetry::activity::{ActivityGuard, ACTIVITIES};
 use crate::telemetry::metrics::{self, METRICS};
 use crate::util::singleflight::SingleFlight;
 use crate::util::time::now_secs;
@@ -82,12 +84,9 @@ pub enum BuildError {
 impl From<&BuildError> for SourceError {
     fn from(e: &BuildError) -> SourceError {
         let kind = match e {
-            // A name naming packages the set lacks cannot name an image here:
-            // invalid, not a miss, because containerd prints nothing but
-            // "not found" for a 404 and the user must see which packages.
-            BuildError::Name(_) | BuildError::Nix(NixError::MissingPackages { .. }) => {
-                ErrorKind::Invalid
-            }
+            BuildError::Name(_) => ErrorKind::Invalid,
+            // The user must see which packages are missing.
+            BuildError::Nix(NixError::MissingPackages { .. }) => ErrorKind::UnknownName,
             BuildError::Nix(NixError::UnsupportedSystem { .. }) => ErrorKind::NotFound,
             // Evaluation and build failures carry the tail of Nix's log, and
             // an unconfigured package set says how to configure one: what the
@@ -96,6 +95,22 @@ impl From<&BuildError> for SourceError {
             _ => ErrorKind::Internal,
         };
         SourceError::new(kind, e.to_string())
+    }
+}
+
+/// Where a build says how far along it is: the status page, and the
+/// terminal for `nixery-local build`.
+struct Progress {
+    activity: ActivityGuard,
+    terminal: bool,
+}
+
+impl Progress {
+    fn say(&self, message: String) {
+        if self.terminal {
+            eprintln!("{message}");
+        }
+        self.activity.stage(message);
     }
 }
 
@@ -130,6 +145,32 @@ pub struct NixSettings {
     pub(crate) ttl: Duration,
     pub(crate) popularity: Popularity,
     pub(crate) nix: NixConfig,
+}
+
+impl NixSettings {
+    /// The package part of `repo` if it names a Nix image on `host`:
+    /// everything for a Nix registry host, else what follows the namespace.
+    pub(crate) fn route<'a>(&self, host: &RegistryHost, repo: &'a RepoName) -> Option<&'a str> {
+        if self.registries.contains(host) {
+            return Some(repo.as_str());
+        }
+        let (first, rest) = repo.as_str().split_once('/')?;
+        (first == self.namespace).then_some(rest)
+    }
+
+    /// How a cached image is shown: as it was pulled. A Nix image stored
+    /// under the default registry was pulled without `ns` (podman, Docker),
+    /// as `nix/hello`, not `docker.io/nix/hello`.
+    pub fn shown_name(&self, id: &ImageId, default_host: &RegistryHost) -> String {
+        match id {
+            ImageId::Tag { host, repo, tag }
+                if host == default_host && self.route(host, repo).is_some() =>
+            {
+                format!("{repo}:{tag}")
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 /// One layer of a finished build, for `nixery-local build`'s table.
@@ -183,14 +224,27 @@ impl NixImages {
         }
     }
 
+    /// Returns once no build is running or waiting to run: a stopping
+    /// daemon lets builds finish rather than interrupt Nix.
+    pub(crate) async fn builds_finished(&self) {
+        let all = PARALLEL_BUILDS as u32;
+        let running = PARALLEL_BUILDS - self.builds.available_permits();
+        if running > 0 {
+            tracing::info!(running, "waiting for Nix builds to finish");
+        }
+        // Fair: granted after every build queued before it. The semaphore is
+        // never closed, so this cannot fail.
+        let _all = self.builds.acquire_many(all).await;
+    }
+
     /// The package part of `repo` if it names a Nix image on `host`:
     /// everything for a Nix registry host, else what follows the namespace.
     pub(crate) fn route<'a>(&self, host: &RegistryHost, repo: &'a RepoName) -> Option<&'a str> {
-        if self.settings.registries.contains(host) {
-            return Some(repo.as_str());
-        }
-        let (first, rest) = repo.as_str().split_once('/')?;
-        (first == self.settings.namespace).then_some(rest)
+        self.settings.route(host, repo)
+    }
+
+    pub(crate) fn settings(&self) -> &NixSettings {
+        &self.settings
     }
 
     /// The key of everything that decides an image's bytes.
@@ -352,14 +406,20 @@ impl NixImages {
         source: PkgSource,
         compression: Compression,
     ) -> Outcome {
+        let shown_name = name.canonical();
+        let activity = ACTIVITIES.start("build", shown_name.clone());
+        activity.stage("waiting for a build slot");
         // The semaphore is never closed, so acquiring cannot fail.
         let _slot = self.builds.acquire().await.ok();
         let this = Arc::clone(self);
         let k = key.clone();
-        let shown_name = name.canonical();
         let started = Instant::now();
         let result = tokio::task::spawn_blocking(move || {
-            this.build_blocking(&k, &name, &source, compression, false)
+            let report = Progress {
+                activity,
+                terminal: false,
+            };
+            this.build_blocking(&k, &name, &source, compression, &report)
         })
         .await;
         METRICS.nix_build_duration.observe(started.elapsed());
@@ -401,7 +461,11 @@ impl NixImages {
         let source = self.settings.source.for_tag(tag);
         let compression = self.settings.compression;
         let key = self.request_key(&name, &source, compression);
-        let mut report = self.build_blocking(&key, &name, &source, compression, progress)?;
+        let progress = Progress {
+            activity: ACTIVITIES.start("build", name.canonical()),
+            terminal: progress,
+        };
+        let mut report = self.build_blocking(&key, &name, &source, compression, &progress)?;
         let others: Vec<(Digest, NixImageRecord)> = self.store.records(RecordKind::NixImage)?;
         for layer in &mut report.layers {
             layer.shared_with = others
@@ -418,14 +482,10 @@ impl NixImages {
         name: &ImageName,
         source: &PkgSource,
         compression: Compression,
-        progress: bool,
+        progress: &Progress,
     ) -> Result<BuildReport, BuildError> {
         let started = Instant::now();
-        let say = |msg: String| {
-            if progress {
-                eprintln!("{msg}");
-            }
-        };
+        let say = |msg: String| progress.say(msg);
         say(format!("evaluating and building {name} …"));
         let gc_root = self.store.gcroots_dir().join(key.hex());
         let built = self.nix.build(source, name, Some(&gc_root))?;
@@ -570,7 +630,7 @@ impl NixImages {
         &self,
         groups: &[LayerGroup],
         compression: Compression,
-        progress: bool,
+        progress: &Progress,
     ) -> Result<Vec<(LayerInfo, bool)>, BuildError> {
         let workers = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -587,9 +647,7 @@ impl NixImages {
                     let Some(group) = groups.get(i) else { break };
                     let result = self.layer(group, compression);
                     let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                    if progress {
-                        eprintln!("layer {n}/{}", groups.len());
-                    }
+                    progress.say(format!("layer {n}/{}", groups.len()));
                     if let Ok(mut slot) = results[i].lock() {
                         *slot = Some(result);
                     }

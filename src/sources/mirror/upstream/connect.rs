@@ -49,7 +49,10 @@ impl tower_service::Service<Name> for Resolver {
             if addrs.is_empty() {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::PermissionDenied,
-                    format!("{} has no public address", name.as_str()),
+                    format!(
+                        "{} has no public address; name it with --upstream HOST=URL to allow it",
+                        name.as_str()
+                    ),
                 ));
             }
             Ok(addrs.into_iter())
