@@ -38,6 +38,14 @@ fn prefetched_images_are_served_offline_without_nix_or_upstream() {
         )),
         "{stdout}"
     );
+    // Each blob as it lands, with its size for people.
+    let layer = &image.layer_digests[0];
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with(&format!("  {layer} ")) && l.ends_with('B')),
+        "no progress line for {layer}:\n{stdout}"
+    );
     drop(upstream);
 
     // Offline, and with no Nix on PATH: everything comes from the cache.

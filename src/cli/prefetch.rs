@@ -4,6 +4,7 @@
 use nixery_local::app::App;
 use nixery_local::oci::reference::ImageRef;
 use nixery_local::registry::prefetch::prefetch;
+use nixery_local::util::units::human_bytes;
 
 use super::cache::Access;
 use super::{runtime, upstreams, usage, Common, Failure};
@@ -23,10 +24,10 @@ pub fn run(common: Common, images: &[String]) -> Result<(), Failure> {
             let mut out = std::io::stdout();
             match prefetch(app.registry(), image, &mut out).await {
                 Ok(p) => println!(
-                    "prefetched {image} {} ({} blobs, {} bytes)",
+                    "prefetched {image} {} ({} blobs, {})",
                     p.digest.map(|d| d.to_string()).unwrap_or_default(),
                     p.blobs,
-                    p.bytes
+                    human_bytes(p.bytes)
                 ),
                 Err(e) => {
                     eprintln!("nixery-local: {image}: {e}");

@@ -4,6 +4,7 @@
 //! platform's manifest is cached, and the blobs of the host's platform.
 
 use std::io::Write;
+use std::time::Duration;
 
 use crate::oci::accept::Accept;
 use crate::oci::client::Client;
@@ -13,6 +14,8 @@ use crate::oci::platform;
 use crate::oci::reference::{ImageRef, Reference};
 use crate::registry::{BlobSource, Registry, RegistryError};
 use crate::sources::{ErrorKind, SourceError};
+use crate::telemetry::activity::ACTIVITIES;
+use crate::util::units::human_bytes;
 
 #[derive(Debug, Default)]
 pub struct Prefetched {
@@ -21,11 +24,56 @@ pub struct Prefetched {
     pub bytes: u64,
 }
 
-/// Pulls `image` into the cache, printing progress lines to `progress`.
+/// How often the work in progress is looked at.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// Pulls `image` into the cache, printing progress lines to `progress`:
+/// each blob as it lands, and the stages of builds and downloads while they
+/// run.
 pub async fn prefetch(
     registry: &Registry,
     image: &ImageRef,
     progress: &mut (dyn Write + Send),
+) -> Result<Prefetched, RegistryError> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let pulling = pull(registry, image, tx);
+    tokio::pin!(pulling);
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    let mut shown: Vec<(String, String)> = Vec::new();
+    loop {
+        tokio::select! {
+            result = &mut pulling => {
+                while let Ok(line) = rx.try_recv() {
+                    let _ = writeln!(progress, "{line}");
+                }
+                return result;
+            }
+            Some(line) = rx.recv() => {
+                let _ = writeln!(progress, "{line}");
+            }
+            _ = tick.tick() => {
+                // Only what changed, so the output reads as a log too.
+                let now: Vec<(String, String)> = ACTIVITIES
+                    .snapshot()
+                    .into_iter()
+                    .map(|a| (format!("{} {}", a.kind, a.name), a.stage))
+                    .collect();
+                for (what, stage) in &now {
+                    if !stage.is_empty() && !shown.iter().any(|(w, s)| w == what && s == stage) {
+                        let _ = writeln!(progress, "  {what}: {stage}");
+                    }
+                }
+                let _ = progress.flush();
+                shown = now;
+            }
+        }
+    }
+}
+
+async fn pull(
+    registry: &Registry,
+    image: &ImageRef,
+    progress: tokio::sync::mpsc::UnboundedSender<String>,
 ) -> Result<Prefetched, RegistryError> {
     let mut done = Prefetched::default();
     let top = registry
@@ -77,7 +125,7 @@ pub async fn prefetch(
                     };
                     done.blobs += 1;
                     done.bytes += size;
-                    let _ = writeln!(progress, "  {} {size} bytes", desc.digest);
+                    let _ = progress.send(format!("  {} {}", desc.digest, human_bytes(size)));
                 }
             }
             // A manifest the registry served but we cannot walk: nothing more to fetch.
