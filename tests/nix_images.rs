@@ -1071,3 +1071,55 @@ fn failures_show_their_reason_in_every_client() {
         );
     }
 }
+
+/// The config's `created` of `repo:reference`.
+fn created(d: &Daemon, repo: &str, reference: &str) -> String {
+    let r = get_accept(d, &manifest_path(repo, reference), OCI_MANIFEST);
+    assert_eq!(r.status, 200, "{repo}:{reference}\n{r}");
+    let m = r.json();
+    let config = blob(
+        d,
+        repo,
+        m["config"]["digest"].as_str().expect("config digest"),
+        m["config"]["size"].as_u64().expect("config size"),
+    );
+    let config: Value = serde_json::from_slice(&config).expect("config is JSON");
+    config["created"].as_str().expect("created").to_owned()
+}
+
+/// An image is dated by its inputs, so the same inputs still give the same
+/// digest: a git package set's commit time, else the image format's date;
+/// never the store's 1970, which clients show as "56 years ago".
+#[test]
+fn images_are_dated_by_their_package_set() {
+    require("git");
+    let (d, _log) = nix_daemon(&[]);
+    assert_eq!(created(&d, "nix/hello", "latest"), "2026-12-02T00:00:00Z");
+
+    let repo = tempdir("nl-pkgs-git");
+    std::fs::copy(
+        Path::new(PKGS).join("default.nix"),
+        repo.path().join("default.nix"),
+    )
+    .expect("copy the package set");
+    let git = |args: &[&str]| {
+        let mut cmd = Command::new("git");
+        cmd.arg("-C")
+            .arg(repo.path())
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.org"])
+            .args(args)
+            .env("GIT_AUTHOR_DATE", "2024-05-01T12:00:00Z")
+            .env("GIT_COMMITTER_DATE", "2024-05-01T12:00:00Z");
+        run_ok(&format!("git {args:?}"), &mut cmd, Duration::from_secs(30))
+    };
+    git(&["init", "-q"]);
+    git(&["add", "default.nix"]);
+    git(&["commit", "-q", "-m", "package set"]);
+    let rev = git(&["rev-parse", "HEAD"]).trim().to_owned();
+    let url = format!("file://{}", repo.path().display());
+    let from_git = Daemon::start(&["--pkgs-repo", &url, "--nix-option", "substituters="]);
+    assert_eq!(
+        created(&from_git, "nix/hello", &rev),
+        "2024-05-01T12:00:00Z"
+    );
+}

@@ -24,7 +24,9 @@ use crate::sources::nix::pkgset::PkgSource;
 /// Lookups per segment: exact name; for a segment starting with a digit,
 /// `_` + name; at the top level only, the attribute whose lowercased name
 /// equals the (lowercase) segment (registry names cannot carry uppercase).
-/// The result is JSON: `{ system; missing; notPackages; packages }`, or
+/// The result is JSON: `{ system; sourceDate; missing; notPackages;
+/// packages }` (`sourceDate`: the commit time of a git or flake source, the
+/// one date that belongs to the inputs), or
 /// `{ error = "no-nixpkgs"; }` when `<nixpkgs>` was asked for and is not in
 /// the search path.
 pub(crate) const REQUEST_EXPR: &str = r#"
@@ -39,12 +41,18 @@ let
   gitArgs = { url = src.url; }
     // (if (src.rev or null) != null then { rev = src.rev; allRefs = true; } else { })
     // (if (src.ref or null) != null then { ref = src.ref; } else { });
+  gitSrc = builtins.fetchGit gitArgs;
+  flake = builtins.getFlake src.flake;
+  sourceDate =
+    if src.type == "git" then gitSrc.lastModified or null
+    else if src.type == "flake" then flake.lastModified or null
+    else null;
   pkgs =
     if src.type == "path" then load (/. + src.path)
     else if src.type == "channel" then
       load (builtins.fetchTarball "https://channels.nixos.org/${src.channel}/nixexprs.tar.xz")
-    else if src.type == "git" then load (builtins.fetchGit gitArgs)
-    else if src.type == "flake" then (builtins.getFlake src.flake).legacyPackages.${system}
+    else if src.type == "git" then load gitSrc
+    else if src.type == "flake" then flake.legacyPackages.${system}
     else if src.type == "nixpath" then (if hasNixpkgs then load <nixpkgs> else null)
     else throw "nixery-local: unknown package source type ${src.type}";
 
@@ -96,7 +104,7 @@ let
 in
 if pkgs == null then { error = "no-nixpkgs"; }
 else {
-  inherit system;
+  inherit system sourceDate;
   missing = map (x: x.p.request) (builtins.filter isMissing required);
   notPackages = map (x: x.p.request) (builtins.filter isNotPackage required);
   packages = map (x: describe x.p x.r)
@@ -125,6 +133,8 @@ struct EvalOutput {
     error: Option<String>,
     #[serde(default)]
     system: String,
+    #[serde(default)]
+    source_date: Option<u64>,
     #[serde(default)]
     missing: Vec<String>,
     #[serde(default)]
@@ -168,6 +178,9 @@ pub(crate) struct ResolvedPackage {
 pub(crate) struct Evaluation {
     /// The Nix system the packages are built for (`x86_64-linux`).
     pub(crate) system: String,
+    /// When the package set was committed (git and flake sources), in
+    /// seconds since the epoch.
+    pub(crate) source_date: Option<u64>,
     /// Requested packages first (in name order), then optional ones;
     /// duplicates (two names for one derivation) removed.
     pub(crate) packages: Vec<ResolvedPackage>,
@@ -290,6 +303,7 @@ impl Nix {
             .collect();
         Ok(Evaluation {
             system: parsed.system,
+            source_date: parsed.source_date,
             packages,
         })
     }

@@ -4,18 +4,23 @@
 //!
 //! Everything is serialised from ordered structs (fields in declaration
 //! order, no maps), so equal inputs give equal bytes and digests on every
-//! machine. Timestamps are fixed at the store's mtime (1970-01-01T00:00:01Z).
+//! machine. `created` comes from the inputs too: the package set's commit
+//! time when the source is a git commit or a flake, else [`FORMAT_DATE`].
 
 use serde::Serialize;
 
 use crate::oci::digest::Digest;
 use crate::oci::manifest::{DOCKER_MANIFEST, OCI_MANIFEST};
 use crate::sources::nix::layers::{LayerInfo, CA_BUNDLE};
+use crate::util::time::rfc3339;
 
 pub(crate) const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub(crate) const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
-/// `created` of the config and of every history entry.
-pub(crate) const CREATED: &str = "1970-01-01T00:00:01Z";
+/// `created` when the package set has no date of its own (a path, a
+/// channel, `<nixpkgs>`): the day this image format was defined, 2026-12-02.
+/// Not the build time, which would differ between machines, and not the
+/// store's 1970, which clients show as "56 years ago".
+pub(crate) const FORMAT_DATE: u64 = 1_796_169_600;
 /// The `PATH` of Nix images: the customisation layer links `/bin` etc.
 pub(crate) const DEFAULT_PATH: &str =
     "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -78,6 +83,9 @@ pub(crate) struct ImageSpec {
     pub(crate) cmd: Option<Vec<String>>,
     /// Bottom first; the customisation layer last.
     pub(crate) layers: Vec<ImageLayer>,
+    /// `created` of the config and of every history entry, in seconds since
+    /// the epoch.
+    pub(crate) created: u64,
 }
 
 /// The `Env` of a Nix image: `PATH`, and `SSL_CERT_FILE` when the image
@@ -123,7 +131,7 @@ pub(crate) struct ImageManifests {
 
 #[derive(Serialize)]
 struct Config<'a> {
-    created: &'static str,
+    created: &'a str,
     architecture: &'a str,
     os: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -150,7 +158,7 @@ struct RootFs<'a> {
 
 #[derive(Serialize)]
 struct History<'a> {
-    created: &'static str,
+    created: &'a str,
     created_by: &'a str,
 }
 
@@ -174,8 +182,9 @@ struct Descriptor<'a> {
 
 /// Serialises the config and both manifests for `spec`.
 pub(crate) fn build_manifests(spec: &ImageSpec) -> Result<ImageManifests, ImageError> {
+    let created = rfc3339(spec.created);
     let config = serde_json::to_vec(&Config {
-        created: CREATED,
+        created: &created,
         architecture: &spec.platform.architecture,
         os: &spec.platform.os,
         variant: spec.platform.variant.as_deref(),
@@ -191,7 +200,7 @@ pub(crate) fn build_manifests(spec: &ImageSpec) -> Result<ImageManifests, ImageE
             .layers
             .iter()
             .map(|l| History {
-                created: CREATED,
+                created: &created,
                 created_by: &l.created_by,
             })
             .collect(),
@@ -258,6 +267,7 @@ mod tests {
             env: default_env(true),
             cmd: Some(vec!["bash".into()]),
             layers: vec![layer(1, compression), layer(2, compression)],
+            created: FORMAT_DATE,
         }
     }
 
@@ -280,11 +290,11 @@ mod tests {
             config,
             format!(
                 concat!(
-                    r#"{{"created":"1970-01-01T00:00:01Z","architecture":"amd64","os":"linux","#,
+                    r#"{{"created":"2026-12-02T00:00:00Z","architecture":"amd64","os":"linux","#,
                     r#""config":{{"Env":["PATH={}","SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt"],"Cmd":["bash"]}},"#,
                     r#""rootfs":{{"type":"layers","diff_ids":["{}","{}"]}},"#,
-                    r#""history":[{{"created":"1970-01-01T00:00:01Z","created_by":"layer 1"}},"#,
-                    r#"{{"created":"1970-01-01T00:00:01Z","created_by":"layer 2"}}]}}"#
+                    r#""history":[{{"created":"2026-12-02T00:00:00Z","created_by":"layer 1"}},"#,
+                    r#"{{"created":"2026-12-02T00:00:00Z","created_by":"layer 2"}}]}}"#
                 ),
                 DEFAULT_PATH, d1, d2
             )

@@ -50,7 +50,7 @@ use crate::util::singleflight::SingleFlight;
 use crate::util::time::now_secs;
 
 /// Bump when a change alters the bytes built for the same inputs.
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
 
 /// How long a failed build's error is the answer without calling Nix again:
 /// a pull's HEAD and GET, and a client's retries, then cost one build, while
@@ -560,6 +560,7 @@ impl NixImages {
             env: image::default_env(custom.ca_bundle),
             cmd: name.cmd(),
             layers: image_layers,
+            created: built.evaluation.source_date.unwrap_or(image::FORMAT_DATE),
         };
         let m = image::build_manifests(&spec)?;
         self.store.put_blob_bytes(&m.config_digest, &m.config)?;
