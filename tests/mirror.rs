@@ -1300,3 +1300,55 @@ fn check_manifest_response(path: &str, r: &Response, digest: &str, media_type: &
         "GET {path}: Content-Length"
     );
 }
+
+/// Why a mirrored pull failed reaches each real client's terminal: an
+/// upstream that refuses connections, and one that refuses us (401). The
+/// daemon answers 502 with the reason, not a 404: containerd then reports
+/// it after its own fallback fails, Docker and skopeo print it directly.
+/// (podman: tests/podman.rs.)
+#[test]
+fn upstream_failures_show_their_reason_in_every_client() {
+    let dir = tempdir("nl-refusing");
+    let htpasswd = dir.path().join("htpasswd");
+    htpasswd_file(&htpasswd, USER, PASSWORD);
+    let locked = DockerRegistry::start_with(RegistryOpts {
+        htpasswd: Some(htpasswd),
+        ..RegistryOpts::default()
+    });
+    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    let ctrd = Containerd::start();
+    let docker = Dockerd::start();
+    for (upstream, reason) in [
+        (dead_server(), "Connection refused"),
+        (locked.url(), "401 Unauthorized"),
+    ] {
+        // docker.io is this upstream; no credentials for the locked one.
+        let daemon = Daemon::builder()
+            .args(mirror_args("docker.io", &upstream))
+            .start();
+        ctrd.setup_by_cli(&daemon.host_port());
+        let out = ctrd.pull("docker.io/library/gone:1", &[]);
+        assert!(
+            !out.status.success() && stderr(&out).contains(reason),
+            "ctr pull through {upstream}: {reason:?} missing from\n{}",
+            stderr(&out)
+        );
+        let direct = format!("{}/library/gone:1", daemon.host_port());
+        let out = docker.docker(&["pull", &direct]);
+        assert!(
+            !out.status.success() && stderr(&out).contains(reason),
+            "docker pull {direct}: {reason:?} missing from\n{}",
+            stderr(&out)
+        );
+        let out = skopeo(&[
+            "inspect",
+            "--tls-verify=false",
+            &format!("docker://{direct}"),
+        ]);
+        assert!(
+            !out.status.success() && stderr(&out).contains(reason),
+            "skopeo inspect {direct}: {reason:?} missing from\n{}",
+            stderr(&out)
+        );
+    }
+}
