@@ -921,12 +921,15 @@ fn redirect_case(bearer: bool) {
         }
         content.reply(req)
     });
+    // The CDN is on loopback: it must be named, as any private address.
     let daemon = Daemon::builder()
         .isolated()
         .args(origin.mirror_args())
         .args([
             "--credential".into(),
             format!("{}={USER}:{PASSWORD}", origin.host_port()),
+            "--upstream".into(),
+            format!("{}={}", cdn.host_port(), cdn.url()),
         ])
         .start();
     assert_serves_image(&daemon, "library/redir", &image, None);
@@ -1351,4 +1354,39 @@ fn upstream_failures_show_their_reason_in_every_client() {
             stderr(&out)
         );
     }
+}
+
+/// A configured upstream cannot point the daemon at the user's machine: a
+/// redirect to an unconfigured loopback address is refused (not even a
+/// connection reaches it), and the client is told why.
+#[test]
+fn redirects_to_unconfigured_private_addresses_are_refused() {
+    let dir = tempdir("mirror-ssrf");
+    let image = busybox_layout(&dir.path().join("img"), "1", "ssrf");
+    let mut content = Content::default();
+    content.add_image("library/ssrf", &image);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let target = format!("http://{}", listener.local_addr().expect("addr"));
+    let origin = FakeUpstream::start(move |req| {
+        if let Some((_, digest)) = req.path().rsplit_once("/blobs/") {
+            return Reply::redirect(&format!("{target}/x/{digest}"));
+        }
+        content.reply(req)
+    });
+    let daemon = Daemon::builder()
+        .isolated()
+        .args(origin.mirror_args())
+        .start();
+    let layer = &image.layer_digests[0];
+    let r = get(daemon.addr(), &blob_path("library/ssrf", layer, None), &[]);
+    assert!(
+        r.status == 502 && r.reason.contains("public address"),
+        "a redirect to an unconfigured loopback service: {}",
+        r.summary()
+    );
+    assert!(
+        listener.accept().is_err(),
+        "the daemon connected to the redirect target"
+    );
 }

@@ -150,9 +150,23 @@ impl Upstreams {
         (format!("https://{host}"), false)
     }
 
-    /// The client for a URL: trusted hosts (and, from a trusted upstream,
-    /// wherever it redirects) use the unrestricted client; everything else
-    /// only reaches public addresses, IP literals included.
+    /// Whether `uri` is at the address of an upstream named with
+    /// `--upstream`.
+    fn is_configured(&self, uri: &Uri) -> bool {
+        let Some(authority) = uri.authority() else {
+            return false;
+        };
+        self.settings.overrides.iter().any(|(_, url)| {
+            url.parse::<Uri>()
+                .ok()
+                .and_then(|u| u.authority().cloned())
+                .is_some_and(|a| a == *authority)
+        })
+    }
+
+    /// The client for a URL: configured upstreams use the unrestricted
+    /// client; everything else only reaches public addresses, IP literals
+    /// included.
     fn client_for(
         &self,
         host: &RegistryHost,
@@ -263,6 +277,10 @@ impl Upstreams {
         let mut uri = origin;
         for _ in 0..=MAX_REDIRECTS {
             let same_host = uri.authority() == origin_authority.as_ref();
+            // A configured upstream is trusted with its own address, not
+            // with wherever it points: a hop elsewhere reaches only public
+            // addresses, unless that address is configured too (a CDN).
+            let hop_trusted = trusted && (same_host || self.is_configured(&uri));
             let mut req = Request::builder().method(method.clone()).uri(uri.clone());
             for a in accept {
                 req = req.header(header::ACCEPT, *a);
@@ -277,7 +295,7 @@ impl Upstreams {
             let req = req
                 .body(Empty::new())
                 .map_err(|e| UpstreamError::Url(e.to_string()))?;
-            let client = self.client_for(host, &uri, trusted)?;
+            let client = self.client_for(host, &uri, hop_trusted)?;
             let shown = uri.to_string();
             let sent = Instant::now();
             let resp = match tokio::time::timeout(self.settings.timeout, client.request(req)).await
