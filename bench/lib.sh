@@ -15,11 +15,15 @@ TARGET_DIR=${CARGO_TARGET_DIR:-target}
 NIXERY_BIN=${NIXERY_BIN:-$TARGET_DIR/release/nixery-local}
 
 OCI_MANIFEST=application/vnd.oci.image.manifest.v1+json
+# What containerd 1.6 sends as Accept for a manifest.
+CTR_ACCEPT="application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, */*"
+PKGS=$REPO_ROOT/tests/pkgs # the test package set (big, medium, hello, ...)
 
 ERRORS=()   # err: what went wrong but let the run go on
 CHILDREN=() # background servers, stopped at exit
 ON_EXIT=()  # functions run at exit, after the children are stopped
 declare -A PID BASE # per server: its process, its http://127.0.0.1:PORT
+declare -A WRK_HEADER # per server: one more request header wrk sends (-H), if any
 
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "FATAL: $*"; exit 1; }
@@ -135,6 +139,66 @@ start_nixery() {
   done
   [[ -n $line ]] || die "nixery-local did not print its listen address within 30 s; see $OUT/$name.log"
   BASE[nixery]=${line#listening on }
+}
+
+# --------------------------------------------------------------------------
+# Nix images from the test package set
+# --------------------------------------------------------------------------
+# start_daemon STATE_DIR COMPRESSION LOG_NAME: start_nixery serving Nix
+# images from $PKGS with no substituters; COMPRESSION is passed as
+# --layer-compression, or not at all if it is "default". Sets DAEMON_BASE.
+start_daemon() {
+  local -a comp=()
+  [[ $2 == default ]] || comp=(--layer-compression "$2")
+  start_nixery "$3" --state-dir "$1" \
+    --pkgs-path "$PKGS" --nix-option substituters= "${comp[@]}"
+  DAEMON_BASE=${BASE[nixery]}
+}
+
+stop_daemon() { stop_server nixery; }
+
+cpu_ticks() { # PID -> utime+stime+cutime+cstime in clock ticks
+  awk '{ print $14 + $15 + $16 + $17 }' "/proc/$1/stat"
+}
+ticks_s() { awk -v a="$1" -v b="$2" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", (b - a) / hz }'; } # TICKS0 TICKS1 -> CPU seconds
+
+# Sum of layer sizes, layer count, of a manifest file.
+manifest_layers() {
+  python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(sum(l["size"] for l in m["layers"]), len(m["layers"]))' "$1"
+}
+
+# built_field LOG FIELD [FILTER]: FIELD (duration_ms, reused_layers, ...) of
+# the last "built Nix image" line in LOG (that contains FILTER); empty if none.
+built_field() {
+  { grep 'built Nix image' "$1" || true; } | { grep -F -- "${3-}" || true; } | tail -1 \
+    | { grep -o "$2=[^ ]*" || true; } | cut -d= -f2
+}
+
+# nix_realise ATTR...: nix-build of $PKGS's ATTRs, no substituters, log in
+# $OUT/nix-build.log; their store paths in OUTS, in order. Run it before
+# measuring, so that Nix builds nothing during the runs.
+nix_realise() {
+  local a
+  local -a args=()
+  for a in "$@"; do args+=(-A "$a"); done
+  log "realising $* (nix-build)"
+  nix-build --no-out-link --option substituters "" "$PKGS" "${args[@]}" \
+    >"$OUT/nix-build.out" 2>"$OUT/nix-build.log" || die "nix-build failed; see $OUT/nix-build.log"
+  mapfile -t OUTS <"$OUT/nix-build.out"
+  ((${#OUTS[@]} == $#)) || die "nix-build printed ${#OUTS[@]} paths, expected $#"
+}
+
+# nix_closure PATH...: the store paths PATH... need, sorted, in CLOSURE, and
+# their size in bytes in CLOSURE_BYTES.
+nix_closure() {
+  mapfile -t CLOSURE < <(nix-store -qR "$@" | sort)
+  ((${#CLOSURE[@]})) || die "nix-store -qR $* printed nothing"
+  CLOSURE_BYTES=$(du -scb "${CLOSURE[@]}" | tail -1 | cut -f1)
+}
+
+warm_paths() { # PATH...: reads them once, so the page cache is warm
+  log "warming the page cache with $# store paths"
+  tar -C / -cf - "${@#/}" | cat >/dev/null
 }
 
 # --------------------------------------------------------------------------
@@ -372,11 +436,13 @@ wrk_ms() { # FILE PERCENTILE (50%, 99%, ...) -> latency in ms
 }
 
 # wrk_once SERVER RUN: wrk on manifest_url with $OUT/manifest.lua (see
-# wrk_lua) for $WRK_DURATION; records wrk_rps and wrk_p99_ms, and an error
-# for non-2xx answers or socket errors.
+# wrk_lua) and WRK_HEADER[SERVER] for $WRK_DURATION; records wrk_rps and
+# wrk_p99_ms, and an error for non-2xx answers or socket errors.
 wrk_once() { # SERVER RUN
   local f=$OUT/wrk-$1-$2.txt rps non2xx sockerr
-  wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$WRK_DURATION" --latency -s "$OUT/manifest.lua" \
+  local -a hdr=()
+  [[ -z ${WRK_HEADER[$1]-} ]] || hdr=(-H "${WRK_HEADER[$1]}")
+  wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$WRK_DURATION" --latency -s "$OUT/manifest.lua" "${hdr[@]}" \
     "$(manifest_url "$1")" >"$f" 2>&1 || { err "$1: wrk failed (run $2), see $f"; return 0; }
   rps=$(wrk_rps "$f")
   non2xx=$(wrk_non2xx "$f")
@@ -391,10 +457,48 @@ wrk_once() { # SERVER RUN
 
 wrk_warmup() { # SERVER...: 2 s of wrk each, discarded
   local s
+  local -a hdr
   for s in "$@"; do
-    wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d2s -s "$OUT/manifest.lua" "$(manifest_url "$s")" >/dev/null 2>&1 \
+    hdr=()
+    [[ -z ${WRK_HEADER[$s]-} ]] || hdr=(-H "${WRK_HEADER[$s]}")
+    wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d2s -s "$OUT/manifest.lua" "${hdr[@]}" "$(manifest_url "$s")" >/dev/null 2>&1 \
       || err "$s: wrk warm-up failed"
   done
+}
+
+# wrk_check SERVER WANT UNWANTED: 2 s of wrk on manifest_url, with
+# $OUT/manifest.lua's requests and WRK_HEADER[SERVER], that checks every
+# answer: 200, with WANT in the body and not UNWANTED. An error otherwise.
+# A warm-up that also shows what the measured requests get.
+wrk_check() {
+  local lua=$OUT/check-$1.lua f=$OUT/wrk-check-$1.txt line
+  local -a hdr=()
+  [[ -z ${WRK_HEADER[$1]-} ]] || hdr=(-H "${WRK_HEADER[$1]}")
+  {
+    cat "$OUT/manifest.lua"
+    cat <<EOF
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) bad = 0; total = 0 end
+function response(status, headers, body)
+  total = total + 1
+  if status ~= 200 or not body:find("$2", 1, true) or body:find("$3", 1, true) then bad = bad + 1 end
+end
+function done(summary, latency, requests)
+  local b, t = 0, 0
+  for _, th in ipairs(threads) do b = b + th:get("bad"); t = t + th:get("total") end
+  io.write(string.format("checked: %d wrong of %d\n", b, t))
+end
+EOF
+  } >"$lua"
+  wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d2s -s "$lua" "${hdr[@]}" "$(manifest_url "$1")" >"$f" 2>&1 \
+    || { err "$1: wrk check failed, see $f"; return 0; }
+  line=$(grep '^checked: ' "$f" || true)
+  if [[ $line =~ ^checked:\ 0\ wrong\ of\ [1-9] ]]; then
+    log "wrk   $1: every answer has $2, none $3 (${line#checked: 0 wrong of } requests)"
+  else
+    err "$1: wrk got answers without $2 or with $3 (${line:-no count}; see $f)"
+  fi
 }
 
 # --------------------------------------------------------------------------

@@ -53,9 +53,6 @@ PHASES=${PHASES:-cold e2e warm share}
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 bench_init
 
-PKGS=$REPO_ROOT/tests/pkgs
-CTR_ACCEPT="application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, */*"
-
 CTRD_PID=
 CTRD_DIR=
 ON_EXIT+=(stop_containerd)
@@ -78,17 +75,12 @@ machine_info \
   params "runs=$RUNS e2e_runs=$E2E_RUNS compressions='$COMPRESSIONS' warm_curls=$WARM_CURLS wrk=$WRK_DURATION phases='$PHASES'"
 build_nixery
 
-log "realising big, medium, cacert, iana-etc (nix-build)"
-mapfile -t OUTS < <(nix-build --no-out-link --option substituters "" "$PKGS" \
-  -A big -A medium -A cacert -A iana-etc 2>"$OUT/nix-build.log") \
-  || die "nix-build failed; see $OUT/nix-build.log"
-((${#OUTS[@]} == 4)) || die "nix-build printed ${#OUTS[@]} paths, expected 4"
+nix_realise big medium cacert iana-etc
 BIG=${OUTS[0]} MEDIUM=${OUTS[1]} CACERT=${OUTS[2]} IANA=${OUTS[3]}
 # The image's closure: big plus the always-added cacert and iana-etc.
-mapfile -t CLOSURE < <(nix-store -qR "$BIG" "$CACERT" "$IANA" | sort)
+nix_closure "$BIG" "$CACERT" "$IANA"
 mapfile -t MEDIUM_CLOSURE < <(nix-store -qR "$MEDIUM" "$CACERT" "$IANA" | sort)
 REL=("${CLOSURE[@]#/}")
-CLOSURE_BYTES=$(du -scb "${CLOSURE[@]}" | tail -1 | cut -f1)
 MEDIUM_BYTES=$(du -scb "${MEDIUM_CLOSURE[@]}" | tail -1 | cut -f1)
 SHARED_PATHS=$(comm -12 <(printf '%s\n' "${CLOSURE[@]}") <(printf '%s\n' "${MEDIUM_CLOSURE[@]}") | wc -l)
 {
@@ -97,28 +89,7 @@ SHARED_PATHS=$(comm -12 <(printf '%s\n' "${CLOSURE[@]}") <(printf '%s\n' "${MEDI
 } | tee -a "$OUT/machine.txt" >&2
 printf '%s\n' "${CLOSURE[@]}" >"$OUT/closure-big.txt"
 
-log "warming the page cache with the closure"
-tar -C / -cf - "${REL[@]}" | cat >/dev/null
-
-# --------------------------------------------------------------------------
-# The daemon
-# --------------------------------------------------------------------------
-start_daemon() { # STATE_DIR COMPRESSION LOG_NAME
-  start_nixery "$3" --state-dir "$1" \
-    --pkgs-path "$PKGS" --nix-option substituters= --layer-compression "$2"
-  DAEMON_BASE=${BASE[nixery]}
-}
-
-stop_daemon() { stop_server nixery; }
-
-cpu_ticks() { # PID -> utime+stime+cutime+cstime in clock ticks
-  awk '{ print $14 + $15 + $16 + $17 }' "/proc/$1/stat"
-}
-
-# Sum of layer sizes, layer count, of a manifest file.
-manifest_layers() {
-  python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print(sum(l["size"] for l in m["layers"]), len(m["layers"]))' "$1"
-}
+warm_paths "${CLOSURE[@]}"
 
 # --------------------------------------------------------------------------
 # containerd (own config, root, state and socket; CRI off)
@@ -233,10 +204,10 @@ daemon_cold_once() { # COMPRESSION RUN
     err "cold $c run $run: HTTP $code: $(head -c 400 "$OUT/manifest-big-$c.json")"
     return 0
   fi
-  ms=$(grep -m1 'built Nix image' "$OUT/daemon-cold-$c-$run.log" | grep -o 'duration_ms=[0-9]*' | cut -d= -f2 || true)
+  ms=$(built_field "$OUT/daemon-cold-$c-$run.log" duration_ms)
   read -r bytes n < <(manifest_layers "$OUT/manifest-big-$c.json")
   record cold_daemon_s "$c" "$run" "$t"
-  record cold_daemon_cpu_s "$c" "$run" "$(awk -v a="$ticks0" -v b="$ticks1" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", (b - a) / hz }')"
+  record cold_daemon_cpu_s "$c" "$run" "$(ticks_s "$ticks0" "$ticks1")"
   [[ -n $ms ]] && record cold_daemon_logged_ms "$c" "$run" "$ms"
   record layer_bytes "$c" "$run" "$bytes"
   record layer_count "$c" "$run" "$n"
@@ -369,7 +340,7 @@ EOF
   record share_new_layers gzip 1 "$new_layers"
   record share_common_prefix gzip 1 "$prefix"
   record share_new_snapshots gzip 1 "$((snaps_medium - snaps_big))"
-  ms=$(grep 'built Nix image' "$OUT/daemon-warm.log" | grep 'name=medium' | grep -o 'duration_ms=[0-9]*' | cut -d= -f2 || true)
+  ms=$(built_field "$OUT/daemon-warm.log" duration_ms name=medium)
   [[ -n $ms ]] && record share_medium_build_ms gzip 1 "$ms"
   log "share medium: $medium_layers layers ($medium_total bytes), $shared_layers shared with big; new layers $new_layers ($new_bytes bytes); containerd fetched $fetched_n blobs, $fetched bytes; common prefix $prefix layers, $((snaps_medium - snaps_big)) new snapshots"
 fi

@@ -1123,3 +1123,44 @@ fn images_are_dated_by_their_package_set() {
         "2024-05-01T12:00:00Z"
     );
 }
+
+/// Docker 20.10 (no zstd) and containerd asking for the same tag at the
+/// same time each get their own variant, every time: the answer does not
+/// go through the tag's shared record.
+#[test]
+fn concurrent_clients_each_get_their_own_variant() {
+    const DOCKER_20: &str = "docker/20.10.24+dfsg1 go/go1.19.8 git-commit/5d6db84 kernel/6.1.0 os/linux arch/amd64 UpstreamClient(Docker-Client/20.10.24+dfsg1 \\(linux\\))";
+    const CONTAINERD: &str = "containerd/1.6.20~ds1";
+    let (d, _log) = nix_daemon(&[]);
+    let addr = d.addr();
+    let layer_types = move |agent: &str| -> Vec<String> {
+        let r = request(
+            addr,
+            "GET",
+            "/v2/nix/hello/manifests/latest",
+            &[("Accept", OCI_MANIFEST), ("User-Agent", agent)],
+        );
+        assert_eq!(r.status, 200, "{agent}: {r}");
+        layers(&r.json()).into_iter().map(|(_, _, t)| t).collect()
+    };
+    // Both variants built first.
+    assert!(layer_types(CONTAINERD).iter().all(|t| t.ends_with("+zstd")));
+    assert!(layer_types(DOCKER_20).iter().all(|t| t.ends_with("+gzip")));
+    let clients: Vec<_> = [(DOCKER_20, "+gzip"), (CONTAINERD, "+zstd")]
+        .into_iter()
+        .map(|(agent, suffix)| {
+            thread::spawn(move || {
+                for i in 0..150 {
+                    let types = layer_types(agent);
+                    assert!(
+                        types.iter().all(|t| t.ends_with(suffix)),
+                        "request {i} of {agent}: {types:?}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("a client got the other's variant");
+    }
+}

@@ -24,10 +24,12 @@ packages=(
     nix-bin              # builds the tests' package set for Nix images
     busybox-static       # the one binary in the test images and package set
     systemd              # systemd-analyze verifies the units
+    systemd-container debootstrap  # service_booted.rs boots a Debian (cached in /var/cache/nixery-local-tests)
     chromium             # renders the status page headless
     adduser binutils dpkg-dev  # the .deb: its Depends, strip, dpkg-shlibdeps
     apache2-utils openssl  # htpasswd, a test CA and signed tokens for the upstream tests
     curl jq ca-certificates
+    git                  # --pkgs-repo package sets (and their unit test) fetch with git
     gcc libc6-dev        # cargo links with cc; ring and zstd-sys compile C (rustup ships no linker)
 )
 missing=()

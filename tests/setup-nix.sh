@@ -28,6 +28,7 @@ fi
 nix-store --init
 
 # Prove a build works now rather than in the middle of a test.
+# shellcheck disable=SC2016  # Nix code, not shell: $out is for Nix
 out=$(nix-build --option substituters ""  --no-out-link -E 'derivation {
     name = "nixery-local-setup-check"; system = builtins.currentSystem;
     builder = "/bin/busybox"; args = [ "sh" "-c" "echo ok > $out" ]; }' 2>&1) || {

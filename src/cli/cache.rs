@@ -171,6 +171,13 @@ fn become_user(uid: u32, dir: &Path) -> Result<(), Failure> {
             return Err(fail("setuid"));
         }
     }
+    // Said, so that a file the owner cannot read (an import's layout under
+    // /root, say) makes sense.
+    eprintln!(
+        "nixery-local: working as {}, the owner of the cache {}",
+        who.name.to_string_lossy(),
+        dir.display()
+    );
     // Nix and XDG caches go under the owner's home, as for the service.
     // The command line is still single-threaded here.
     std::env::set_var("HOME", &who.home);

@@ -159,19 +159,29 @@ impl Registry {
         client: Client,
     ) -> Result<Manifest, RegistryError> {
         let source = self.sources.route(&host, &repo);
-        match &reference {
+        let answer = match &reference {
             Reference::Tag(tag) => source.resolve_tag(&host, &repo, tag, &accept, client).await,
-            Reference::Digest(digest) => source.fetch_manifest(&host, &repo, digest).await,
+            Reference::Digest(digest) => source
+                .fetch_manifest(&host, &repo, digest)
+                .await
+                .map(|()| None),
         }
         .map_err(RegistryError::ManifestSource)?;
         self.blocking(move |store| {
             let (digest, media_type) = match &reference {
                 Reference::Tag(tag) => {
-                    let record = store.tag(&host, &repo, tag)?.ok_or_else(|| {
-                        RegistryError::ManifestUnknown(format!("{host}/{repo}:{tag}"))
-                    })?;
-                    let variant = record
-                        .manifests
+                    let manifests = match answer {
+                        Some(manifests) => manifests,
+                        None => {
+                            store
+                                .tag(&host, &repo, tag)?
+                                .ok_or_else(|| {
+                                    RegistryError::ManifestUnknown(format!("{host}/{repo}:{tag}"))
+                                })?
+                                .manifests
+                        }
+                    };
+                    let variant = manifests
                         .into_iter()
                         .find(|v| accept.accepts(&v.media_type))
                         .ok_or_else(|| {

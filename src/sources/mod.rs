@@ -27,6 +27,7 @@ use crate::oci::client::Client;
 use crate::oci::digest::Digest;
 use crate::oci::reference::{RegistryHost, RepoName, Tag};
 use crate::store::gc::ImageId;
+use crate::store::ManifestVariant;
 use crate::telemetry::metrics::{self, METRICS};
 
 /// The sources a daemon has; either may be absent (tests, offline use).
@@ -99,8 +100,9 @@ impl Sources {
 
 impl Source<'_> {
     /// Brings the store's record of `tag` up to date: builds the Nix image,
-    /// or revalidates the tag with its upstream when due. `Ok` means the
-    /// store now holds the answer (or knows it has none).
+    /// or revalidates the tag with its upstream when due. `Ok(None)` means
+    /// the store's record is the answer (or there is none); `Ok(Some(..))`
+    /// is an answer for this client alone (a Nix image's variant).
     pub(crate) async fn resolve_tag(
         &self,
         host: &RegistryHost,
@@ -108,17 +110,18 @@ impl Source<'_> {
         tag: &Tag,
         accept: &Accept,
         client: Client,
-    ) -> Result<(), SourceError> {
+    ) -> Result<Option<Vec<ManifestVariant>>, SourceError> {
         match self {
             Source::Nix { images, packages } => {
-                images
+                let answer = images
                     .resolve_tag(host, repo, packages, tag, client)
                     .await?;
+                return Ok(Some(answer));
             }
             Source::Mirror(mirror) => mirror.refresh_tag(host, repo, tag, accept).await?,
             Source::Cache => {}
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Brings the manifest `digest` into the store, linked to `repo`, if this

@@ -18,6 +18,7 @@
 //! | `nix.rs` | the tests' Nix package set and daemons that build from it |
 //! | `systemd.rs` | `systemd-analyze verify` |
 //! | `deb.rs` | the Debian package of the binary under test (`packaging/build-deb.sh`) |
+//! | `nspawn.rs` | a booted Debian under systemd-nspawn, on a cached root (`tests/nspawn-root.sh`) |
 //!
 //! Missing prerequisites are failures, never skips: a skipped end-to-end test
 //! looks exactly like a passing one.
@@ -39,6 +40,7 @@ pub mod docker;
 pub mod http;
 pub mod layouts;
 pub mod nix;
+pub mod nspawn;
 pub mod podman;
 pub mod process;
 pub mod registry;
@@ -49,8 +51,8 @@ pub mod upstream;
 // Each test binary uses only some of these.
 #[allow(unused_imports)]
 pub use {
-    auth::*, containerd::*, daemon::*, deb::*, docker::*, http::*, layouts::*, nix::*, podman::*,
-    process::*, registry::*, skopeo::*, systemd::*, upstream::*,
+    auth::*, containerd::*, daemon::*, deb::*, docker::*, http::*, layouts::*, nix::*, nspawn::*,
+    podman::*, process::*, registry::*, skopeo::*, systemd::*, upstream::*,
 };
 
 /// `sha256:<hex>` of `bytes`.

@@ -288,6 +288,11 @@ impl NixImages {
     /// Builds the image `packages` names if the cache has no fresh copy, and
     /// publishes it as `repo:tag` on `host`: the name it was asked by, so the
     /// by-digest requests that follow and tags/list find it.
+    /// The manifests that answer `client` for `tag`, built if need be. They
+    /// are the answer itself: the tag's record in the store is shared by
+    /// every client, and a Docker 20.10 and a containerd asking at once must
+    /// not get each other's variant. The record holds the configured
+    /// compression's variant (or the first built), for listings and gc.
     pub(crate) async fn resolve_tag(
         self: &Arc<Self>,
         host: &RegistryHost,
@@ -295,28 +300,35 @@ impl NixImages {
         packages: &str,
         tag: &Tag,
         client: Client,
-    ) -> Result<(), SourceError> {
+    ) -> Result<Vec<ManifestVariant>, SourceError> {
+        let compression = self.compression_for(client);
         let manifests = self
-            .manifests(packages, tag, self.compression_for(client))
+            .manifests(packages, tag, compression)
             .await
             .map_err(|e| SourceError::from(&*e))?;
-        let (store, h, r, t) = (
+        let is_default = compression == self.settings.compression;
+        let (store, h, r, t, answer) = (
             Arc::clone(&self.store),
             host.clone(),
             repo.clone(),
             tag.clone(),
+            manifests.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            let record = TagRecord { manifests };
-            let links = record
-                .manifests
-                .iter()
-                .map(|m| (&m.digest, m.media_type.as_str()));
-            store.publish(&h, &r, links, Some((&t, &record)))
+            let links = manifests.iter().map(|m| (&m.digest, m.media_type.as_str()));
+            // Only the default variant replaces a record: clients of both
+            // kinds alternating would otherwise rewrite it on every pull.
+            let record = TagRecord {
+                manifests: manifests.clone(),
+            };
+            let tag = (is_default || store.tag(&h, &r, &t).ok().flatten().is_none())
+                .then_some((&t, &record));
+            store.publish(&h, &r, links, tag)
         })
         .await
         .map_err(|e| SourceError::from(&BuildError::from(e)))?
-        .map_err(|e| SourceError::from(&BuildError::from(e)))
+        .map_err(|e| SourceError::from(&BuildError::from(e)))?;
+        Ok(answer)
     }
 
     /// The configured layer compression, unless `client` cannot unpack it:
