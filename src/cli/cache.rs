@@ -45,14 +45,14 @@ pub(super) enum Access {
 impl CacheArgs {
     /// The settings, with the cache entered for `access`.
     pub(super) fn settings(self, flags: Options, access: Access) -> Result<Settings, Failure> {
-        let config = config_or_system(self.config, self.state_dir.is_some())?;
-        let flags = Options {
-            state_dir: self.state_dir,
-            ..flags
+        let common = Common {
+            config: self.config,
+            options: Options {
+                state_dir: self.state_dir,
+                ..flags
+            },
         };
-        let settings = settings(config, flags)?;
-        enter(&settings.state_dir, access)?;
-        Ok(settings)
+        common.cache_settings(access)
     }
 }
 
@@ -60,9 +60,7 @@ impl Common {
     /// [`Common::settings`] for a command that works on the cache (build,
     /// prefetch), with the service's config as the default.
     pub(super) fn cache_settings(self, access: Access) -> Result<Settings, Failure> {
-        let given = self.options.state_dir.is_some();
-        let config = config_or_system(self.config, given)?;
-        let settings = settings(config, self.options)?;
+        let settings = self.system_settings()?;
         enter(&settings.state_dir, access)?;
         Ok(settings)
     }

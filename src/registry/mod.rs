@@ -16,7 +16,7 @@ use crate::oci::client::Client;
 use crate::oci::digest::Digest;
 use crate::oci::reference::{Reference, RegistryHost, RepoName};
 use crate::sources::mirror::Download;
-use crate::sources::{ErrorKind, Source, SourceError, Sources};
+use crate::sources::{ErrorKind, SourceError, Sources};
 use crate::store::gc::{CachedImage, ImageId, Usage};
 use crate::store::{BlobFile, Store, StoreError};
 use crate::telemetry::metrics::{self, METRICS};
@@ -109,18 +109,15 @@ impl Registry {
         repo: &str,
         reference: &str,
     ) -> String {
-        if let Some(host) = ns {
-            return format!("{host}/{repo}:{reference}");
-        }
-        let host = &self.default_host;
-        let nix = repo
-            .parse::<RepoName>()
-            .is_ok_and(|r| matches!(self.sources.route(host, &r), Source::Nix { .. }));
-        if nix {
-            format!("{repo}:{reference}")
-        } else {
-            format!("{host}/{repo}:{reference}")
-        }
+        // With ns the name is as the client gave it: nothing is dropped.
+        let Some(host) = ns else {
+            let host = &self.default_host;
+            return match repo.parse::<RepoName>() {
+                Ok(r) => self.sources.shown(host, &r, reference, host),
+                Err(_) => format!("{host}/{repo}:{reference}"),
+            };
+        };
+        format!("{host}/{repo}:{reference}")
     }
 
     /// How a cached image is shown on the status page: as it was pulled.

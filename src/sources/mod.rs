@@ -83,6 +83,21 @@ impl Sources {
         }
     }
 
+    /// How a pull of `repo:reference` on `host` is shown (see
+    /// [`nix::NixSettings::shown`]).
+    pub(crate) fn shown(
+        &self,
+        host: &RegistryHost,
+        repo: &RepoName,
+        reference: &str,
+        default_host: &RegistryHost,
+    ) -> String {
+        match &self.nix {
+            Some(nix) => nix.settings().shown(host, repo, reference, default_host),
+            None => format!("{host}/{repo}:{reference}"),
+        }
+    }
+
     /// The source of `repo` on `host`: Nix if it names a Nix image, else the
     /// mirror, else the cache alone.
     pub(crate) fn route<'a>(&'a self, host: &RegistryHost, repo: &'a RepoName) -> Source<'a> {

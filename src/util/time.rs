@@ -35,42 +35,33 @@ pub(crate) fn http_date(t: SystemTime) -> String {
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
     let secs = secs_of(t);
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (year, month, day) = civil_from_days(days);
+    let ((year, month, day), (hh, mm, ss)) = civil(secs);
     format!(
-        "{}, {day:02} {} {year} {:02}:{:02}:{:02} GMT",
-        WEEKDAYS[days.rem_euclid(7) as usize],
+        "{}, {day:02} {} {year} {hh:02}:{mm:02}:{ss:02} GMT",
+        WEEKDAYS[(secs / 86_400 % 7) as usize],
         MONTHS[(month - 1) as usize],
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
+    )
+}
+
+/// Date and time of day, UTC, of `secs` since the epoch.
+fn civil(secs: u64) -> ((i64, u32, u32), (u64, u64, u64)) {
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    (
+        civil_from_days(days as i64),
+        (rest / 3600, rest % 3600 / 60, rest % 60),
     )
 }
 
 /// `YYYYMMDDTHHMMSSZ` in UTC.
 pub(crate) fn timestamp(t: SystemTime) -> String {
-    let secs = secs_of(t);
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
+    let ((y, m, d), (hh, mm, ss)) = civil(secs_of(t));
+    format!("{y:04}{m:02}{d:02}T{hh:02}{mm:02}{ss:02}Z")
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` (RFC 3339, UTC) for `secs` since the epoch.
 pub(crate) fn rfc3339(secs: u64) -> String {
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
+    let ((y, m, d), (hh, mm, ss)) = civil(secs);
+    format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
 }
 
 #[cfg(test)]

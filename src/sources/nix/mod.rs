@@ -163,12 +163,24 @@ impl NixSettings {
     /// as `nix/hello`, not `docker.io/nix/hello`.
     pub fn shown_name(&self, id: &ImageId, default_host: &RegistryHost) -> String {
         match id {
-            ImageId::Tag { host, repo, tag }
-                if host == default_host && self.route(host, repo).is_some() =>
-            {
-                format!("{repo}:{tag}")
-            }
+            ImageId::Tag { host, repo, tag } => self.shown(host, repo, tag.as_str(), default_host),
             other => other.to_string(),
+        }
+    }
+
+    /// `host/repo:reference`, but `repo:reference` for a Nix image on the
+    /// default registry.
+    pub(crate) fn shown(
+        &self,
+        host: &RegistryHost,
+        repo: &RepoName,
+        reference: &str,
+        default_host: &RegistryHost,
+    ) -> String {
+        if host == default_host && self.route(host, repo).is_some() {
+            format!("{repo}:{reference}")
+        } else {
+            format!("{host}/{repo}:{reference}")
         }
     }
 }
